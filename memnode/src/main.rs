@@ -1,0 +1,116 @@
+//! `dmem-memnode`: serves slabs of this machine's spare RAM to dmem pagers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use dmem_memnode::auth::load_token;
+use dmem_memnode::metrics::serve_http;
+use dmem_memnode::server::{Server, ServerConfig};
+use dmem_memnode::size::{format_size, parse_size};
+use dmem_memnode::sys::mem_available;
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{error, info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "dmem-memnode", version, about = "Serve spare RAM to dmem pagers over TCP")]
+struct Args {
+    /// Address to listen on, HOST:PORT (port 0 picks a free port).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Memory this node may lease to pagers, e.g. 4G, 512M, 1.5G.
+    #[arg(long, value_parser = parse_size)]
+    capacity: u64,
+    /// File holding the shared token. Without it only loopback clients are accepted.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on HOST:PORT.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Seconds a disconnected session's slabs are kept for it to resume.
+    #[arg(long, default_value_t = 60.0)]
+    lease_grace: f64,
+    /// Seconds a peer may stall mid-frame or mid-handshake before it is dropped.
+    #[arg(long, default_value_t = 30.0)]
+    io_timeout: f64,
+    /// Most simultaneous connections.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+}
+
+fn seconds(name: &str, v: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v).map_err(|_| format!("--{name} must be a non-negative number of seconds, got {v}"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("dmem-memnode: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    // Block the shutdown signals before any thread starts, so that only the
+    // signal thread below receives them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+
+    let mut cfg = ServerConfig::new(args.listen, args.capacity);
+    cfg.lease_grace = seconds("lease-grace", args.lease_grace)?;
+    cfg.io_timeout = seconds("io-timeout", args.io_timeout)?;
+    cfg.max_connections = args.max_connections;
+    if args.capacity == 0 {
+        return Err("--capacity must be greater than zero".into());
+    }
+    match &args.token_file {
+        Some(path) => cfg.token = Some(load_token(path).map_err(|e| e.to_string())?),
+        None => warn!("no --token-file given: accepting loopback clients only"),
+    }
+    if let Some(avail) = mem_available() {
+        if args.capacity > avail {
+            warn!(
+                "capacity {} exceeds the memory available now ({}): leasing it all may swap or OOM",
+                format_size(args.capacity),
+                format_size(avail)
+            );
+        }
+    }
+    let server = Server::bind(cfg).map_err(|e| e.to_string())?;
+    let addr = server.local_addr().map_err(|e| e.to_string())?;
+    if let Some(maddr) = args.metrics {
+        let state = server.state();
+        let render = Arc::new(move || state.metrics.render(&state.store.figures()));
+        let bound = serve_http(maddr, render).map_err(|e| format!("cannot serve metrics on {maddr}: {e}"))?;
+        info!("metrics on http://{bound}/metrics");
+    }
+    info!("listening on {addr}, capacity {}", format_size(args.capacity));
+    // Tests and scripts read this line to learn the port chosen for port 0.
+    println!("dmem-memnode listening on {addr}");
+
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = signals.wait();
+            info!("{sig:?} received: shutting down");
+            // Slabs are plain process memory: exiting returns them all.
+            std::process::exit(0);
+        })
+        .map_err(|e| e.to_string())?;
+    server.run().map_err(|e| e.to_string())
+}

@@ -1,0 +1,410 @@
+//! The memory node's network side: accept loop, per-connection handshake and
+//! request handling, lease reaping.
+//!
+//! One thread per connection with blocking I/O: a memory node serves a few
+//! pagers with deep pipelines, not thousands of clients, and this measured
+//! faster than io_uring here (see docs/architecture.md). Replies to
+//! pipelined requests are batched: the reply buffer is flushed only when no
+//! further request is already buffered, so a burst costs one `write(2)`.
+
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::auth::{client_proof, random_secret, secrets_equal, server_proof};
+use crate::metrics::Metrics;
+use crate::protocol::{
+    begin_frame, decode_request, encode_reply, end_frame, ErrorCode, Header, Op, Reply, Request, Secret,
+    StatReply, Welcome, HEADER_LEN, REPLY_BIT, VERSION_MAX, VERSION_MIN,
+};
+use crate::store::{Session, Store, StoreError};
+
+/// Flush the reply buffer once it holds this much, even mid-burst.
+const FLUSH_AT: usize = 1 << 20;
+const READ_BUFFER: usize = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub capacity: u64,
+    /// Shared token; `None` restricts the node to loopback clients.
+    pub token: Option<Vec<u8>>,
+    /// How long a disconnected session's slabs are kept for a resume.
+    pub lease_grace: Duration,
+    /// A peer that stalls mid-frame or mid-handshake this long is dropped.
+    pub io_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, capacity: u64) -> ServerConfig {
+        ServerConfig {
+            listen,
+            capacity,
+            token: None,
+            lease_grace: Duration::from_secs(60),
+            io_timeout: Duration::from_secs(30),
+            max_connections: 256,
+        }
+    }
+}
+
+/// State shared by all connections.
+pub struct State {
+    pub store: Store,
+    pub metrics: Metrics,
+    cfg: ServerConfig,
+    next_conn: AtomicU64,
+    open: AtomicUsize,
+}
+
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<State>,
+}
+
+impl Server {
+    pub fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        let listener = TcpListener::bind(cfg.listen).map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
+        let state = Arc::new(State {
+            store: Store::new(cfg.capacity, cfg.lease_grace),
+            metrics: Metrics::default(),
+            cfg,
+            next_conn: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
+        });
+        Ok(Server { listener, state })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        self.state.clone()
+    }
+
+    /// Accepts connections until the process ends; spawns the lease reaper.
+    pub fn run(self) -> Result<(), ServerError> {
+        let reaper = self.state.clone();
+        std::thread::Builder::new().name("lease-reaper".into()).spawn(move || reap_forever(&reaper))?;
+        for stream in self.listener.incoming() {
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let state = self.state.clone();
+            let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
+            state.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+            let spawned = std::thread::Builder::new()
+                .name(format!("conn-{conn}"))
+                .spawn(move || serve_connection(&state, stream, conn));
+            if let Err(e) = spawned {
+                warn!("cannot start a connection thread: {e}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reap_forever(state: &State) {
+    let tick = (state.cfg.lease_grace / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        std::thread::sleep(tick);
+        for id in state.store.reap() {
+            state.metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
+            info!(session = id, "lease grace over: session's slabs freed");
+        }
+    }
+}
+
+/// Where a connection is in its life.
+enum Phase {
+    New,
+    Challenged { server_nonce: Secret, client_nonce: Secret },
+    Ready(Arc<Session>),
+}
+
+/// What the handler wants after a request.
+enum Next {
+    Continue,
+    Close,
+}
+
+struct Conn<'a> {
+    state: &'a State,
+    id: u64,
+    peer: SocketAddr,
+    stream: &'a TcpStream,
+    phase: Phase,
+    out: Vec<u8>,
+}
+
+fn serve_connection(state: &State, stream: TcpStream, id: u64) {
+    let open = state.open.fetch_add(1, Ordering::Relaxed) + 1;
+    state.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+    let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut conn = Conn { state, id, peer, stream: &stream, phase: Phase::New, out: Vec::with_capacity(64 << 10) };
+    let result = if open > state.cfg.max_connections {
+        conn.refuse_early(ErrorCode::Busy, "too many connections")
+    } else if state.cfg.token.is_none() && !is_loopback(peer.ip()) {
+        conn.refuse_early(ErrorCode::NotLoopback, "this memory node runs without --token-file and accepts loopback clients only")
+    } else {
+        conn.run()
+    };
+    match result {
+        Ok(()) => debug!(conn = id, %peer, "connection closed"),
+        Err(e) => debug!(conn = id, %peer, "connection dropped: {e}"),
+    }
+    if let Phase::Ready(session) = &conn.phase {
+        state.store.detach(session, id);
+        debug!(session = session.id, "session detached; lease grace starts");
+    }
+    state.open.fetch_sub(1, Ordering::Relaxed);
+    state.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+impl Conn<'_> {
+    fn refuse_early(&mut self, code: ErrorCode, msg: &str) -> io::Result<()> {
+        warn!(peer = %self.peer, "refusing connection: {msg}");
+        self.error(0, code, msg);
+        self.flush()
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let timeout = self.state.cfg.io_timeout;
+        self.stream.set_nodelay(true)?;
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.set_write_timeout(Some(timeout))?;
+        let mut reader = BufReader::with_capacity(READ_BUFFER, self.stream.try_clone()?);
+        let mut payload = Vec::new();
+        let accepted = Instant::now();
+        loop {
+            // Idle between frames is fine once authenticated; a handshake
+            // must finish within the timeout.
+            loop {
+                match reader.fill_buf() {
+                    Ok([]) => return Ok(()),
+                    Ok(_) => break,
+                    Err(e) if is_timeout(&e) => {
+                        if !matches!(self.phase, Phase::Ready(_)) && accepted.elapsed() >= timeout {
+                            return Err(io::Error::new(ErrorKind::TimedOut, "handshake not completed in time"));
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            // Mid-frame, a timeout means a stalled peer: drop it.
+            let mut raw = [0u8; HEADER_LEN];
+            reader.read_exact(&mut raw)?;
+            let header = match Header::decode(&raw) {
+                Ok(h) => h,
+                Err(e) => {
+                    let req_id = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
+                    self.error(req_id, ErrorCode::from(&e), &e.to_string());
+                    return self.flush();
+                }
+            };
+            payload.resize(header.len as usize, 0);
+            reader.read_exact(&mut payload)?;
+            let next = self.handle(header, &payload);
+            if matches!(next, Next::Close) {
+                return self.flush();
+            }
+            if reader.buffer().is_empty() || self.out.len() >= FLUSH_AT {
+                self.flush()?;
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let mut w = self.stream;
+        let r = w.write_all(&self.out);
+        self.out.clear();
+        r
+    }
+
+    fn error(&mut self, req_id: u64, code: ErrorCode, message: &str) {
+        self.state.metrics.error(code);
+        encode_reply(&mut self.out, req_id, &Reply::Error { code: code as u16, message: message.to_string() });
+    }
+
+    /// Replies with an error; protocol violations also end the connection.
+    fn fail(&mut self, req_id: u64, code: ErrorCode, message: &str) -> Next {
+        if code.is_fatal() {
+            warn!(conn = self.id, peer = %self.peer, "{}: {message}; dropping connection", code.label());
+        }
+        self.error(req_id, code, message);
+        if code.is_fatal() {
+            Next::Close
+        } else {
+            Next::Continue
+        }
+    }
+
+    fn handle(&mut self, header: Header, payload: &[u8]) -> Next {
+        let req_id = header.req_id;
+        let req = match decode_request(header.op, payload) {
+            Ok(r) => r,
+            Err(e) => return self.fail(req_id, ErrorCode::from(&e), &e.to_string()),
+        };
+        let op = req.op();
+        self.state.metrics.op(op);
+        match (&self.phase, req) {
+            (Phase::New, Request::Hello { min_version, max_version, client_nonce }) => {
+                let version = max_version.min(VERSION_MAX);
+                if version < min_version.max(VERSION_MIN) {
+                    let msg = format!("client speaks versions {min_version}..={max_version}, this node {VERSION_MIN}..={VERSION_MAX}");
+                    return self.fail(req_id, ErrorCode::VersionMismatch, &msg);
+                }
+                let server_nonce = random_secret();
+                let auth_required = self.state.cfg.token.is_some();
+                encode_reply(&mut self.out, req_id, &Reply::Challenge { version, auth_required, server_nonce });
+                self.phase = Phase::Challenged { server_nonce, client_nonce };
+                Next::Continue
+            }
+            (Phase::Challenged { server_nonce, client_nonce }, Request::Auth { mac, resume }) => {
+                let (server_nonce, client_nonce) = (*server_nonce, *client_nonce);
+                self.authenticate(req_id, &server_nonce, &client_nonce, &mac, resume)
+            }
+            (Phase::Ready(_), Request::Hello { .. } | Request::Auth { .. }) => {
+                self.fail(req_id, ErrorCode::BadFrame, "handshake already completed")
+            }
+            (Phase::Ready(session), req) => {
+                let session = session.clone();
+                self.serve(req_id, &session, req)
+            }
+            (_, req) => {
+                let msg = format!("{} before authentication", req.op().name());
+                self.fail(req_id, ErrorCode::NotAuthenticated, &msg)
+            }
+        }
+    }
+
+    fn authenticate(
+        &mut self,
+        req_id: u64,
+        server_nonce: &Secret,
+        client_nonce: &Secret,
+        mac: &Secret,
+        resume: Option<(u64, Secret)>,
+    ) -> Next {
+        let server_mac = match &self.state.cfg.token {
+            Some(token) => {
+                if !secrets_equal(mac, &client_proof(token, server_nonce, client_nonce)) {
+                    return self.fail(req_id, ErrorCode::AuthFailed, "authentication failed: wrong token");
+                }
+                server_proof(token, client_nonce, server_nonce)
+            }
+            None => [0u8; 32],
+        };
+        let stream = match self.stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => return self.fail(req_id, ErrorCode::Internal, &format!("cannot clone socket: {e}")),
+        };
+        let store = &self.state.store;
+        let (session, resumed) = match resume {
+            Some((sid, secret)) => match store.resume(sid, &secret, self.id, stream) {
+                Ok(s) => (s, true),
+                Err(e) => return self.fail(req_id, e.code, &e.message),
+            },
+            None => (store.create(self.id, stream), false),
+        };
+        info!(session = session.id, peer = %self.peer, resumed, "session ready");
+        let welcome = Welcome {
+            session_id: session.id,
+            resume_secret: *session.secret(),
+            server_mac,
+            resumed,
+            capacity: store.capacity(),
+            used: store.used(),
+        };
+        encode_reply(&mut self.out, req_id, &Reply::Welcome(welcome));
+        self.phase = Phase::Ready(session);
+        Next::Continue
+    }
+
+    fn serve(&mut self, req_id: u64, session: &Session, req: Request<'_>) -> Next {
+        let store = &self.state.store;
+        let result: Result<Option<Reply<'_>>, StoreError> = match req {
+            Request::Alloc { slab, size } => store.alloc(session, self.id, slab, size).map(|_| Some(Reply::Done(Op::Alloc))),
+            Request::Free { slab } => store.free(session, self.id, slab).map(|_| Some(Reply::Done(Op::Free))),
+            Request::Write { extents, data } => store.write(session, self.id, &extents, data).map(|_| {
+                self.state.metrics.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+                Some(Reply::Done(Op::Write))
+            }),
+            Request::Read { extents } => {
+                // Fill the reply in place: no intermediate copy of the data.
+                let total: usize = extents.iter().map(|e| e.len as usize).sum();
+                let at = begin_frame(&mut self.out, Op::Read as u8 | REPLY_BIT, req_id);
+                let start = self.out.len();
+                self.out.resize(start + total, 0);
+                match store.read(session, self.id, &extents, &mut self.out[start..]) {
+                    Ok(()) => {
+                        end_frame(&mut self.out, at);
+                        self.state.metrics.bytes_read.fetch_add(total as u64, Ordering::Relaxed);
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        self.out.truncate(at);
+                        Err(e)
+                    }
+                }
+            }
+            Request::Stat => store.session_figures(session, self.id).map(|f| {
+                Some(Reply::Stat(StatReply {
+                    capacity: store.capacity(),
+                    used: store.used(),
+                    session_slabs: f.slabs,
+                    session_bytes: f.bytes,
+                }))
+            }),
+            Request::Ping { payload } => Ok(Some(Reply::Pong(payload))),
+            Request::CloseSession => {
+                store.close(session);
+                info!(session = session.id, "session closed by client");
+                encode_reply(&mut self.out, req_id, &Reply::Done(Op::CloseSession));
+                return Next::Close;
+            }
+            Request::Hello { .. } | Request::Auth { .. } => unreachable!("handled by the handshake"),
+        };
+        match result {
+            Ok(Some(reply)) => {
+                encode_reply(&mut self.out, req_id, &reply);
+                Next::Continue
+            }
+            Ok(None) => Next::Continue,
+            Err(e) => self.fail(req_id, e.code, &e.message),
+        }
+    }
+}

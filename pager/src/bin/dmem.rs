@@ -1,0 +1,54 @@
+//! `dmem`: the user-facing command-line tool.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "dmem", version, about = "Run programs with more memory than the machine has")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Check a memory node: authenticate, write and read back pages, time it.
+    Ping {
+        /// Memory node address, HOST:PORT.
+        #[arg(long)]
+        memnode: String,
+        /// File holding the shared token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Pages written and verified.
+        #[arg(long, default_value_t = 64)]
+        pages: usize,
+        /// Single-page read round trips timed.
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Ping { memnode, token_file, pages, rounds } => {
+            match dmem_pager::ping::ping(&memnode, token_file.as_deref(), pages, rounds) {
+                Ok(report) => {
+                    println!("memory node {memnode}: OK");
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dmem ping: memory node {memnode}: FAILED: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

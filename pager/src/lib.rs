@@ -1,0 +1,3 @@
+//! dmem pager and the `dmem` command-line tool.
+
+pub mod ping;
