@@ -106,8 +106,10 @@ fn run(args: Args) -> Result<(), String> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let sig = signals.wait();
-            info!("{sig:?} received: shutting down");
+            match signals.wait() {
+                Ok(sig) => info!("{} received: shutting down", sig.as_str()),
+                Err(e) => warn!("waiting for signals failed ({e}): shutting down"),
+            }
             // Slabs are plain process memory: exiting returns them all.
             std::process::exit(0);
         })

@@ -67,12 +67,12 @@ pub fn ping(addr: &str, token_file: Option<&Path>, pages: usize, rounds: usize) 
         return Err(PingError::Mismatch { page: offset / PAGE, offset });
     }
 
-    let mut hist = Histogram::<u64>::new(3).expect("valid histogram precision");
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds");
     for r in 0..rounds.max(1) {
         let page = r % pages;
         let t = Instant::now();
         let got = client.read(&extents[page..page + 1])?;
-        hist.saturating_record(t.elapsed().as_nanos() as u64);
+        hist.saturating_record((t.elapsed().as_nanos() as u64).max(1));
         if got[..] != data[page * PAGE..(page + 1) * PAGE] {
             return Err(PingError::Mismatch { page, offset: page * PAGE });
         }
