@@ -21,7 +21,10 @@ pub const MIN_TOKEN_LEN: usize = 16;
 #[derive(Debug, Error)]
 pub enum AuthError {
     #[error("cannot read token file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("token file {path} holds {len} bytes; at least {MIN_TOKEN_LEN} are required")]
     TooShort { path: String, len: usize },
 }
@@ -29,10 +32,16 @@ pub enum AuthError {
 /// Reads a token file; surrounding whitespace (a trailing newline) is ignored.
 pub fn load_token(path: &Path) -> Result<Vec<u8>, AuthError> {
     let shown = path.display().to_string();
-    let raw = std::fs::read(path).map_err(|source| AuthError::Read { path: shown.clone(), source })?;
+    let raw = std::fs::read(path).map_err(|source| AuthError::Read {
+        path: shown.clone(),
+        source,
+    })?;
     let token = raw.trim_ascii().to_vec();
     if token.len() < MIN_TOKEN_LEN {
-        return Err(AuthError::TooShort { path: shown, len: token.len() });
+        return Err(AuthError::TooShort {
+            path: shown,
+            len: token.len(),
+        });
     }
     Ok(token)
 }
@@ -75,9 +84,18 @@ mod tests {
     fn proofs_depend_on_token_and_direction() {
         let (s, c) = (random_secret(), random_secret());
         let p = client_proof(b"0123456789abcdef", &s, &c);
-        assert!(secrets_equal(&p, &client_proof(b"0123456789abcdef", &s, &c)));
-        assert!(!secrets_equal(&p, &client_proof(b"0123456789abcdeX", &s, &c)));
-        assert!(!secrets_equal(&p, &server_proof(b"0123456789abcdef", &s, &c)));
+        assert!(secrets_equal(
+            &p,
+            &client_proof(b"0123456789abcdef", &s, &c)
+        ));
+        assert!(!secrets_equal(
+            &p,
+            &client_proof(b"0123456789abcdeX", &s, &c)
+        ));
+        assert!(!secrets_equal(
+            &p,
+            &server_proof(b"0123456789abcdef", &s, &c)
+        ));
     }
 
     #[test]
@@ -86,10 +104,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("t");
         std::fs::write(&f, "short\n").unwrap();
-        assert!(matches!(load_token(&f), Err(AuthError::TooShort { len: 5, .. })));
+        assert!(matches!(
+            load_token(&f),
+            Err(AuthError::TooShort { len: 5, .. })
+        ));
         std::fs::write(&f, "  0123456789abcdef0123\n").unwrap();
         assert_eq!(load_token(&f).unwrap(), b"0123456789abcdef0123");
-        assert!(matches!(load_token(&dir.join("missing")), Err(AuthError::Read { .. })));
+        assert!(matches!(
+            load_token(&dir.join("missing")),
+            Err(AuthError::Read { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

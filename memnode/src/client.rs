@@ -3,7 +3,10 @@
 //! reconnect-and-resume. The pager's TCP transport and `dmem ping` build on it.
 //!
 //! Any number of threads may submit requests on one `Client`; replies are
-//! matched to requests by id on a reader thread. Every request is idempotent
+//! matched to requests by id. There is no reader thread: a waiter that finds
+//! the socket free reads replies itself (leader/follower) and hands other
+//! waiters theirs, so a lone request costs no thread wake-up, which on a VM
+//! is worth as much as the network round trip. Every request is idempotent
 //! (slab ids are chosen by the client, writes put fixed bytes at fixed
 //! places), so when the connection breaks, a waiting request reconnects,
 //! resumes the session and is simply sent again.
@@ -19,11 +22,11 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::lock;
 use crate::auth::{client_proof, random_secret, secrets_equal, server_proof};
+use crate::lock;
 use crate::protocol::{
-    decode_reply, encode_request, ErrorCode, Extent, Header, Op, ProtoError, Reply, Request, Secret, StatReply,
-    Welcome, HEADER_LEN, VERSION_MAX, VERSION_MIN,
+    decode_reply, encode_request, ErrorCode, Extent, Header, Op, ProtoError, Reply, Request,
+    Secret, StatReply, Welcome, HEADER_LEN, VERSION_MAX, VERSION_MIN,
 };
 
 #[derive(Debug, Error)]
@@ -39,9 +42,17 @@ pub enum ClientError {
     #[error("memory node {addr} failed to prove it holds the token: possible impostor")]
     BadServerProof { addr: String },
     #[error("memory node {addr} no longer has session {session}: its data is gone ({message})")]
-    SessionLost { addr: String, session: u64, message: String },
+    SessionLost {
+        addr: String,
+        session: u64,
+        message: String,
+    },
     #[error("memory node {addr}: {message} ({})", code.map_or("unknown error", |c| c.label()))]
-    Server { addr: String, code: Option<ErrorCode>, message: String },
+    Server {
+        addr: String,
+        code: Option<ErrorCode>,
+        message: String,
+    },
     #[error("memory node {addr} sent an invalid frame: {source}")]
     Protocol { addr: String, source: ProtoError },
     #[error("memory node {addr} sent an unexpected reply to {op}")]
@@ -96,12 +107,24 @@ struct RawReply {
 
 type Outcome = Result<RawReply, ClientError>;
 
+/// What a blocked waiter can be told.
+enum Msg {
+    /// Its reply (or the connection's end).
+    Done(Outcome),
+    /// The reader left: take over reading.
+    Lead,
+}
+
 /// One TCP connection, live or dead.
 struct Conn {
     generation: u64,
     stream: TcpStream,
     writer: Mutex<TcpStream>,
-    pending: Mutex<HashMap<u64, Sender<Outcome>>>,
+    /// Held by the one waiter currently reading replies.
+    reader: Mutex<BufReader<TcpStream>>,
+    pending: Mutex<HashMap<u64, Sender<Msg>>>,
+    /// Waiters blocked on their channel while someone else reads.
+    blocked: Mutex<Vec<u64>>,
     dead: AtomicBool,
 }
 
@@ -111,7 +134,63 @@ impl Conn {
         self.dead.store(true, Ordering::SeqCst);
         let _ = self.stream.shutdown(Shutdown::Both);
         for (_, tx) in lock(&self.pending).drain() {
-            let _ = tx.send(Err(ClientError::Disconnected));
+            let _ = tx.try_send(Msg::Done(Err(ClientError::Disconnected)));
+        }
+    }
+
+    /// Called by a reader that is done: hands the socket to a blocked waiter.
+    fn pass_lead(&self) {
+        let next = lock(&self.blocked).pop();
+        if let Some(id) = next {
+            if let Some(tx) = lock(&self.pending).get(&id) {
+                let _ = tx.try_send(Msg::Lead);
+            }
+        }
+    }
+
+    /// Reads replies, dispatching others', until the one for `id` arrives.
+    /// The caller holds the reader lock.
+    fn read_until(&self, r: &mut BufReader<TcpStream>, id: u64, cfg: &ClientConfig) -> Outcome {
+        let addr = &cfg.addr;
+        loop {
+            let (h, payload) = match read_frame(r) {
+                Ok(f) => f,
+                Err(e) => {
+                    let timed_out = matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    );
+                    debug!(%addr, "connection lost: {e}");
+                    self.kill();
+                    // A stalled node is not retried: the caller decides.
+                    return Err(if timed_out {
+                        ClientError::Timeout {
+                            addr: addr.clone(),
+                            timeout: cfg.request_timeout,
+                        }
+                    } else {
+                        ClientError::Disconnected
+                    });
+                }
+            };
+            let raw = RawReply { op: h.op, payload };
+            if h.req_id == id {
+                lock(&self.pending).remove(&id);
+                return Ok(raw);
+            }
+            match lock(&self.pending).remove(&h.req_id) {
+                Some(tx) => {
+                    let _ = tx.try_send(Msg::Done(Ok(raw)));
+                }
+                None if h.op == crate::protocol::OP_ERROR => {
+                    // An error tied to no request (the node dropping us):
+                    // log it; the EOF that follows fails everything pending.
+                    if let Ok(Reply::Error { message, .. }) = decode_reply(h.op, &raw.payload) {
+                        warn!(%addr, "memory node: {message}");
+                    }
+                }
+                None => debug!(%addr, req = h.req_id, "reply to an unknown request dropped"),
+            }
         }
     }
 }
@@ -143,7 +222,8 @@ pub struct Pending {
     id: u64,
     op: Op,
     frame: Vec<u8>,
-    rx: Receiver<Outcome>,
+    rx: Receiver<Msg>,
+    conn: Arc<Conn>,
     generation: u64,
     resent: bool,
 }
@@ -186,16 +266,31 @@ impl Client {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
         encode_request(&mut frame, id, req);
-        let (rx, generation) = self.shared.send(id, &frame)?;
-        Ok(Pending { shared: self.shared.clone(), id, op: req.op(), frame, rx, generation, resent: false })
+        let (rx, conn) = self.shared.send(id, &frame)?;
+        let generation = conn.generation;
+        Ok(Pending {
+            shared: self.shared.clone(),
+            id,
+            op: req.op(),
+            frame,
+            rx,
+            conn,
+            generation,
+            resent: false,
+        })
     }
 
     pub fn submit_read(&self, extents: &[Extent]) -> Result<Pending, ClientError> {
-        self.submit(&Request::Read { extents: extents.to_vec() })
+        self.submit(&Request::Read {
+            extents: extents.to_vec(),
+        })
     }
 
     pub fn submit_write(&self, extents: &[Extent], data: &[u8]) -> Result<Pending, ClientError> {
-        self.submit(&Request::Write { extents: extents.to_vec(), data })
+        self.submit(&Request::Write {
+            extents: extents.to_vec(),
+            data,
+        })
     }
 
     /// Reads the extents, concatenated.
@@ -207,7 +302,10 @@ impl Client {
     pub fn read_into(&self, extents: &[Extent], buf: &mut [u8]) -> Result<(), ClientError> {
         let data = self.read(extents)?;
         if data.len() != buf.len() {
-            return Err(ClientError::ShortRead { got: data.len(), want: buf.len() });
+            return Err(ClientError::ShortRead {
+                got: data.len(),
+                want: buf.len(),
+            });
         }
         buf.copy_from_slice(&data);
         Ok(())
@@ -220,7 +318,9 @@ impl Client {
 
     /// Leases slab `slab` (an id of the caller's choosing) of `size` bytes.
     pub fn alloc(&self, slab: u32, size: u64) -> Result<(), ClientError> {
-        self.submit(&Request::Alloc { slab, size })?.wait().map(drop)
+        self.submit(&Request::Alloc { slab, size })?
+            .wait()
+            .map(drop)
     }
 
     /// Frees slab `slab`.
@@ -238,7 +338,10 @@ impl Client {
         let raw = p.wait_raw()?;
         match decode_reply(raw.op, &raw.payload) {
             Ok(Reply::Stat(s)) => Ok(s),
-            _ => Err(ClientError::UnexpectedReply { addr: self.shared.cfg.addr.clone(), op: "stat" }),
+            _ => Err(ClientError::UnexpectedReply {
+                addr: self.shared.cfg.addr.clone(),
+                op: "stat",
+            }),
         }
     }
 
@@ -264,7 +367,11 @@ impl Client {
 impl Shared {
     /// Registers `id` and writes its frame on the current connection,
     /// reconnecting first if the connection is known dead.
-    fn send(self: &Arc<Self>, id: u64, frame: &[u8]) -> Result<(Receiver<Outcome>, u64), ClientError> {
+    fn send(
+        self: &Arc<Self>,
+        id: u64,
+        frame: &[u8],
+    ) -> Result<(Receiver<Msg>, Arc<Conn>), ClientError> {
         let deadline = Instant::now() + self.cfg.reconnect_window;
         loop {
             let conn = lock(&self.conn).clone();
@@ -272,11 +379,12 @@ impl Shared {
                 self.reconnect(conn.generation, deadline)?;
                 continue;
             }
-            let (tx, rx) = channel::bounded(1);
+            // Room for a reply and a lead hand-off; senders never block.
+            let (tx, rx) = channel::bounded(4);
             lock(&conn.pending).insert(id, tx);
             let written = lock(&conn.writer).write_all(frame);
             match written {
-                Ok(()) => return Ok((rx, conn.generation)),
+                Ok(()) => return Ok((rx, conn)),
                 Err(e) => {
                     debug!(addr = %self.cfg.addr, "send failed: {e}");
                     lock(&conn.pending).remove(&id);
@@ -305,7 +413,11 @@ impl Shared {
                     self.reconnects.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(e @ (ClientError::Unreachable { .. } | ClientError::Timeout { .. } | ClientError::Disconnected)) => {
+                Err(
+                    e @ (ClientError::Unreachable { .. }
+                    | ClientError::Timeout { .. }
+                    | ClientError::Disconnected),
+                ) => {
                     if Instant::now() >= deadline {
                         return Err(e);
                     }
@@ -332,38 +444,85 @@ impl Pending {
             Ok(Reply::Data(_)) if self.op == Op::Read => {}
             Ok(Reply::Pong(_)) if self.op == Op::Ping => {}
             Ok(Reply::Done(op)) if op == self.op => return Ok(Vec::new()),
-            Ok(_) => return Err(ClientError::UnexpectedReply { addr: addr.clone(), op: self.op.name() }),
-            Err(source) => return Err(ClientError::Protocol { addr: addr.clone(), source }),
+            Ok(_) => {
+                return Err(ClientError::UnexpectedReply {
+                    addr: addr.clone(),
+                    op: self.op.name(),
+                })
+            }
+            Err(source) => {
+                return Err(ClientError::Protocol {
+                    addr: addr.clone(),
+                    source,
+                })
+            }
         }
         let mut payload = raw.payload;
         Ok(std::mem::take(&mut payload))
     }
 
     fn wait_raw(&mut self) -> Result<RawReply, ClientError> {
-        let cfg = &self.shared.cfg;
-        let deadline = Instant::now() + cfg.reconnect_window;
+        let deadline = Instant::now() + self.shared.cfg.reconnect_window;
         loop {
-            let outcome = match self.rx.recv_timeout(cfg.request_timeout) {
-                Ok(o) => o,
-                Err(RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected),
-                Err(RecvTimeoutError::Timeout) => {
-                    // A node that stops answering is treated as gone: the
-                    // connection is dropped so every waiter reconnects.
-                    let conn = lock(&self.shared.conn).clone();
-                    if conn.generation == self.generation {
-                        conn.kill();
-                    }
-                    return Err(ClientError::Timeout { addr: cfg.addr.clone(), timeout: cfg.request_timeout });
-                }
-            };
-            match outcome {
-                Ok(raw) => return server_error(&cfg.addr, raw),
+            match self.wait_once() {
+                Ok(raw) => return server_error(&self.shared.cfg.addr, raw),
                 Err(ClientError::Disconnected) => {
                     self.shared.reconnect(self.generation, deadline)?;
-                    let (rx, generation) = self.shared.send(self.id, &self.frame)?;
-                    (self.rx, self.generation, self.resent) = (rx, generation, true);
+                    let (rx, conn) = self.shared.send(self.id, &self.frame)?;
+                    self.generation = conn.generation;
+                    (self.rx, self.conn, self.resent) = (rx, conn, true);
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits for the reply on the current connection: reads the socket
+    /// itself when nobody else does, else blocks until the reader hands it
+    /// the reply or the lead.
+    fn wait_once(&mut self) -> Outcome {
+        let conn = self.conn.clone();
+        let cfg = &self.shared.cfg;
+        loop {
+            if let Ok(msg) = self.rx.try_recv() {
+                if let Msg::Done(o) = msg {
+                    return o;
+                }
+                continue;
+            }
+            if let Ok(mut r) = conn.reader.try_lock() {
+                // Our reply may have been dispatched before we took the lock.
+                let outcome = match self.rx.try_recv() {
+                    Ok(Msg::Done(o)) => o,
+                    _ => conn.read_until(&mut r, self.id, cfg),
+                };
+                drop(r);
+                conn.pass_lead();
+                return outcome;
+            }
+            // Someone reads. Register as blocked, then re-check the lock: a
+            // reader that left before seeing us registered cannot hand over.
+            lock(&conn.blocked).push(self.id);
+            if conn.reader.try_lock().is_ok() {
+                lock(&conn.blocked).retain(|i| *i != self.id);
+                continue;
+            }
+            match self.rx.recv_timeout(cfg.request_timeout) {
+                Ok(Msg::Lead) => continue,
+                Ok(Msg::Done(o)) => {
+                    lock(&conn.blocked).retain(|i| *i != self.id);
+                    return o;
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(ClientError::Disconnected),
+                Err(RecvTimeoutError::Timeout) => {
+                    // A node that stops answering is treated as gone: every
+                    // waiter fails over to a fresh connection.
+                    conn.kill();
+                    return Err(ClientError::Timeout {
+                        addr: cfg.addr.clone(),
+                        timeout: cfg.request_timeout,
+                    });
+                }
             }
         }
     }
@@ -375,20 +534,32 @@ fn server_error(addr: &str, raw: RawReply) -> Result<RawReply, ClientError> {
         return Ok(raw);
     }
     match decode_reply(raw.op, &raw.payload) {
-        Ok(Reply::Error { code, message }) => {
-            Err(ClientError::Server { addr: addr.to_string(), code: ErrorCode::from_u16(code), message })
-        }
+        Ok(Reply::Error { code, message }) => Err(ClientError::Server {
+            addr: addr.to_string(),
+            code: ErrorCode::from_u16(code),
+            message,
+        }),
         Ok(_) => unreachable!("OP_ERROR decodes as an error"),
-        Err(source) => Err(ClientError::Protocol { addr: addr.to_string(), source }),
+        Err(source) => Err(ClientError::Protocol {
+            addr: addr.to_string(),
+            source,
+        }),
     }
 }
 
 fn unreachable_err(cfg: &ClientConfig, reason: impl ToString) -> ClientError {
-    ClientError::Unreachable { addr: cfg.addr.clone(), reason: reason.to_string() }
+    ClientError::Unreachable {
+        addr: cfg.addr.clone(),
+        reason: reason.to_string(),
+    }
 }
 
 fn dial(cfg: &ClientConfig) -> Result<TcpStream, ClientError> {
-    let addrs: Vec<SocketAddr> = cfg.addr.to_socket_addrs().map_err(|e| unreachable_err(cfg, e))?.collect();
+    let addrs: Vec<SocketAddr> = cfg
+        .addr
+        .to_socket_addrs()
+        .map_err(|e| unreachable_err(cfg, e))?
+        .collect();
     let mut last = String::from("no address");
     for a in addrs {
         match TcpStream::connect_timeout(&a, cfg.connect_timeout) {
@@ -399,7 +570,7 @@ fn dial(cfg: &ClientConfig) -> Result<TcpStream, ClientError> {
     Err(unreachable_err(cfg, last))
 }
 
-/// Reads one frame (used during the handshake and by the reader thread).
+/// Reads one frame.
 fn read_frame(r: &mut impl Read) -> io::Result<(Header, Vec<u8>)> {
     let mut raw = [0u8; HEADER_LEN];
     r.read_exact(&mut raw)?;
@@ -410,104 +581,115 @@ fn read_frame(r: &mut impl Read) -> io::Result<(Header, Vec<u8>)> {
 }
 
 /// One handshake exchange: send `req`, return the decoded reply.
-fn exchange(cfg: &ClientConfig, s: &mut TcpStream, req: &Request<'_>) -> Result<(u8, Vec<u8>), ClientError> {
+fn exchange(
+    cfg: &ClientConfig,
+    s: &mut TcpStream,
+    req: &Request<'_>,
+) -> Result<(u8, Vec<u8>), ClientError> {
     let mut frame = Vec::new();
     encode_request(&mut frame, 0, req);
     s.write_all(&frame).map_err(|e| unreachable_err(cfg, e))?;
     let (h, payload) = read_frame(s).map_err(|e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            ClientError::Timeout { addr: cfg.addr.clone(), timeout: cfg.connect_timeout }
-        }
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout {
+            addr: cfg.addr.clone(),
+            timeout: cfg.connect_timeout,
+        },
         _ => unreachable_err(cfg, format!("handshake failed: {e}")),
     })?;
     let raw = server_error(&cfg.addr, RawReply { op: h.op, payload })?;
     Ok((raw.op, raw.payload))
 }
 
-/// Dials, authenticates (new or resumed session) and starts the reader.
-fn open(cfg: &ClientConfig, resume: Option<(u64, Secret)>, generation: u64) -> Result<(Arc<Conn>, Welcome), ClientError> {
+/// Dials and authenticates a new or resumed session.
+fn open(
+    cfg: &ClientConfig,
+    resume: Option<(u64, Secret)>,
+    generation: u64,
+) -> Result<(Arc<Conn>, Welcome), ClientError> {
     let mut s = dial(cfg)?;
     s.set_nodelay(true).map_err(|e| unreachable_err(cfg, e))?;
-    s.set_read_timeout(Some(cfg.connect_timeout)).map_err(|e| unreachable_err(cfg, e))?;
+    s.set_read_timeout(Some(cfg.connect_timeout))
+        .map_err(|e| unreachable_err(cfg, e))?;
     let client_nonce = random_secret();
-    let hello = Request::Hello { min_version: VERSION_MIN, max_version: VERSION_MAX, client_nonce };
+    let hello = Request::Hello {
+        min_version: VERSION_MIN,
+        max_version: VERSION_MAX,
+        client_nonce,
+    };
     let (op, payload) = exchange(cfg, &mut s, &hello)?;
     let (auth_required, server_nonce) = match decode_reply(op, &payload) {
-        Ok(Reply::Challenge { auth_required, server_nonce, .. }) => (auth_required, server_nonce),
-        _ => return Err(ClientError::UnexpectedReply { addr: cfg.addr.clone(), op: "hello" }),
+        Ok(Reply::Challenge {
+            auth_required,
+            server_nonce,
+            ..
+        }) => (auth_required, server_nonce),
+        _ => {
+            return Err(ClientError::UnexpectedReply {
+                addr: cfg.addr.clone(),
+                op: "hello",
+            })
+        }
     };
     let mac = match (&cfg.token, auth_required) {
         (Some(t), true) => client_proof(t, &server_nonce, &client_nonce),
         (None, false) => [0u8; 32],
-        (None, true) => return Err(ClientError::TokenRequired { addr: cfg.addr.clone() }),
-        (Some(_), false) => return Err(ClientError::ServerUnauthenticated { addr: cfg.addr.clone() }),
+        (None, true) => {
+            return Err(ClientError::TokenRequired {
+                addr: cfg.addr.clone(),
+            })
+        }
+        (Some(_), false) => {
+            return Err(ClientError::ServerUnauthenticated {
+                addr: cfg.addr.clone(),
+            })
+        }
     };
     let welcome = match exchange(cfg, &mut s, &Request::Auth { mac, resume }) {
         Ok((op, payload)) => match decode_reply(op, &payload) {
             Ok(Reply::Welcome(w)) => w,
-            _ => return Err(ClientError::UnexpectedReply { addr: cfg.addr.clone(), op: "auth" }),
+            _ => {
+                return Err(ClientError::UnexpectedReply {
+                    addr: cfg.addr.clone(),
+                    op: "auth",
+                })
+            }
         },
         Err(e) => {
             return Err(match (e.code(), resume) {
-                (Some(ErrorCode::AuthFailed), _) => ClientError::AuthRefused { addr: cfg.addr.clone() },
-                (Some(ErrorCode::UnknownSession), Some((session, _))) => {
-                    ClientError::SessionLost { addr: cfg.addr.clone(), session, message: e.to_string() }
-                }
+                (Some(ErrorCode::AuthFailed), _) => ClientError::AuthRefused {
+                    addr: cfg.addr.clone(),
+                },
+                (Some(ErrorCode::UnknownSession), Some((session, _))) => ClientError::SessionLost {
+                    addr: cfg.addr.clone(),
+                    session,
+                    message: e.to_string(),
+                },
                 _ => e,
             })
         }
     };
     if let Some(t) = &cfg.token {
-        if !secrets_equal(&welcome.server_mac, &server_proof(t, &client_nonce, &server_nonce)) {
-            return Err(ClientError::BadServerProof { addr: cfg.addr.clone() });
+        if !secrets_equal(
+            &welcome.server_mac,
+            &server_proof(t, &client_nonce, &server_nonce),
+        ) {
+            return Err(ClientError::BadServerProof {
+                addr: cfg.addr.clone(),
+            });
         }
     }
-    s.set_read_timeout(None).map_err(|e| unreachable_err(cfg, e))?;
+    // A reader blocked this long on a reply gives the connection up.
+    s.set_read_timeout(Some(cfg.request_timeout))
+        .map_err(|e| unreachable_err(cfg, e))?;
+    let clone = |s: &TcpStream| s.try_clone().map_err(|e| unreachable_err(cfg, e));
     let conn = Arc::new(Conn {
         generation,
-        writer: Mutex::new(s.try_clone().map_err(|e| unreachable_err(cfg, e))?),
-        stream: s.try_clone().map_err(|e| unreachable_err(cfg, e))?,
+        writer: Mutex::new(clone(&s)?),
+        reader: Mutex::new(BufReader::with_capacity(1 << 20, clone(&s)?)),
+        stream: s,
         pending: Mutex::new(HashMap::new()),
+        blocked: Mutex::new(Vec::new()),
         dead: AtomicBool::new(false),
     });
-    let reader_conn = conn.clone();
-    let addr = cfg.addr.clone();
-    std::thread::Builder::new()
-        .name("memnode-reader".into())
-        .spawn(move || read_replies(&reader_conn, s, &addr))
-        .map_err(|e| unreachable_err(cfg, e))?;
     Ok((conn, welcome))
-}
-
-/// Reader thread: hands each reply to the request waiting for it.
-fn read_replies(conn: &Conn, stream: TcpStream, addr: &str) {
-    let mut r = BufReader::with_capacity(1 << 20, stream);
-    loop {
-        match read_frame(&mut r) {
-            Ok((h, payload)) => {
-                let waiter = lock(&conn.pending).remove(&h.req_id);
-                match waiter {
-                    Some(tx) => {
-                        let _ = tx.send(Ok(RawReply { op: h.op, payload }));
-                    }
-                    None if h.op == crate::protocol::OP_ERROR => {
-                        // An error not tied to a request (e.g. the node
-                        // dropping us): log it; the EOF that follows fails
-                        // everything pending.
-                        if let Ok(Reply::Error { message, .. }) = decode_reply(h.op, &payload) {
-                            warn!(%addr, "memory node: {message}");
-                        }
-                    }
-                    None => debug!(%addr, req = h.req_id, "reply to an unknown request dropped"),
-                }
-            }
-            Err(e) => {
-                if !conn.dead.load(Ordering::SeqCst) {
-                    debug!(%addr, "connection lost: {e}");
-                }
-                conn.kill();
-                return;
-            }
-        }
-    }
 }

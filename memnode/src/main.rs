@@ -16,7 +16,11 @@ use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
-#[command(name = "dmem-memnode", version, about = "Serve spare RAM to dmem pagers over TCP")]
+#[command(
+    name = "dmem-memnode",
+    version,
+    about = "Serve spare RAM to dmem pagers over TCP"
+)]
 struct Args {
     /// Address to listen on, HOST:PORT (port 0 picks a free port).
     #[arg(long)]
@@ -42,7 +46,8 @@ struct Args {
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(v).map_err(|_| format!("--{name} must be a non-negative number of seconds, got {v}"))
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| format!("--{name} must be a non-negative number of seconds, got {v}"))
 }
 
 fn main() -> ExitCode {
@@ -69,7 +74,9 @@ fn run(args: Args) -> Result<(), String> {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
-    signals.thread_block().map_err(|e| format!("cannot block signals: {e}"))?;
+    signals
+        .thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
 
     let mut cfg = ServerConfig::new(args.listen, args.capacity);
     cfg.lease_grace = seconds("lease-grace", args.lease_grace)?;
@@ -96,10 +103,14 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(maddr) = args.metrics {
         let state = server.state();
         let render = Arc::new(move || state.metrics.render(&state.store.figures()));
-        let bound = serve_http(maddr, render).map_err(|e| format!("cannot serve metrics on {maddr}: {e}"))?;
+        let bound = serve_http(maddr, render)
+            .map_err(|e| format!("cannot serve metrics on {maddr}: {e}"))?;
         info!("metrics on http://{bound}/metrics");
     }
-    info!("listening on {addr}, capacity {}", format_size(args.capacity));
+    info!(
+        "listening on {addr}, capacity {}",
+        format_size(args.capacity)
+    );
     // Tests and scripts read this line to learn the port chosen for port 0.
     println!("dmem-memnode listening on {addr}");
 

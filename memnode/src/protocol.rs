@@ -52,7 +52,11 @@ pub enum ProtoError {
     #[error("unknown opcode {0:#04x}")]
     UnknownOp(u8),
     #[error("truncated {what}: need {need} bytes, have {have}")]
-    Truncated { what: &'static str, need: usize, have: usize },
+    Truncated {
+        what: &'static str,
+        need: usize,
+        have: usize,
+    },
     #[error("{what} carries {extra} unexpected trailing bytes")]
     Trailing { what: &'static str, extra: usize },
     #[error("invalid {0}")]
@@ -235,10 +239,17 @@ impl Header {
         }
         let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
         if len as usize > MAX_PAYLOAD {
-            return Err(ProtoError::TooLarge { len: len as usize, max: MAX_PAYLOAD });
+            return Err(ProtoError::TooLarge {
+                len: len as usize,
+                max: MAX_PAYLOAD,
+            });
         }
         let req_id = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
-        Ok(Header { op: b[2], len, req_id })
+        Ok(Header {
+            op: b[2],
+            len,
+            req_id,
+        })
     }
 }
 
@@ -259,15 +270,34 @@ impl Extent {
 /// A decoded request. WRITE data borrows from the frame buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request<'a> {
-    Hello { min_version: u16, max_version: u16, client_nonce: Secret },
-    Auth { mac: Secret, resume: Option<(u64, Secret)> },
+    Hello {
+        min_version: u16,
+        max_version: u16,
+        client_nonce: Secret,
+    },
+    Auth {
+        mac: Secret,
+        resume: Option<(u64, Secret)>,
+    },
     CloseSession,
-    Alloc { slab: u32, size: u64 },
-    Free { slab: u32 },
-    Read { extents: Vec<Extent> },
-    Write { extents: Vec<Extent>, data: &'a [u8] },
+    Alloc {
+        slab: u32,
+        size: u64,
+    },
+    Free {
+        slab: u32,
+    },
+    Read {
+        extents: Vec<Extent>,
+    },
+    Write {
+        extents: Vec<Extent>,
+        data: &'a [u8],
+    },
     Stat,
-    Ping { payload: &'a [u8] },
+    Ping {
+        payload: &'a [u8],
+    },
 }
 
 impl Request<'_> {
@@ -309,13 +339,20 @@ pub struct StatReply {
 /// A decoded reply. READ data and PING echoes borrow from the frame buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply<'a> {
-    Challenge { version: u16, auth_required: bool, server_nonce: Secret },
+    Challenge {
+        version: u16,
+        auth_required: bool,
+        server_nonce: Secret,
+    },
     Welcome(Welcome),
     Done(Op),
     Data(&'a [u8]),
     Stat(StatReply),
     Pong(&'a [u8]),
-    Error { code: u16, message: String },
+    Error {
+        code: u16,
+        message: String,
+    },
 }
 
 /// Little-endian cursor over a payload; every read is bounds checked.
@@ -333,7 +370,11 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
         let have = self.buf.len() - self.pos;
         if n > have {
-            return Err(ProtoError::Truncated { what: self.what, need: self.pos + n, have: self.buf.len() });
+            return Err(ProtoError::Truncated {
+                what: self.what,
+                need: self.pos + n,
+                have: self.buf.len(),
+            });
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -345,15 +386,21 @@ impl<'a> Cursor<'a> {
     }
 
     fn u16(&mut self) -> Result<u16, ProtoError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
 
     fn u32(&mut self) -> Result<u32, ProtoError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn u64(&mut self) -> Result<u64, ProtoError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     fn secret(&mut self) -> Result<Secret, ProtoError> {
@@ -377,7 +424,10 @@ impl<'a> Cursor<'a> {
     fn finish(&self) -> Result<(), ProtoError> {
         let extra = self.buf.len() - self.pos;
         if extra != 0 {
-            return Err(ProtoError::Trailing { what: self.what, extra });
+            return Err(ProtoError::Trailing {
+                what: self.what,
+                extra,
+            });
         }
         Ok(())
     }
@@ -391,7 +441,10 @@ fn decode_extents(c: &mut Cursor<'_>) -> Result<(Vec<Extent>, usize), ProtoError
         return Err(ProtoError::Invalid("empty extent list"));
     }
     if count > MAX_EXTENTS {
-        return Err(ProtoError::TooLarge { len: count, max: MAX_EXTENTS });
+        return Err(ProtoError::TooLarge {
+            len: count,
+            max: MAX_EXTENTS,
+        });
     }
     // Check the descriptors are all there before allocating for them.
     let raw = c.take(count * EXTENT_LEN)?;
@@ -406,7 +459,10 @@ fn decode_extents(c: &mut Cursor<'_>) -> Result<(Vec<Extent>, usize), ProtoError
         }
         total += len as usize;
         if total > MAX_IO_BYTES {
-            return Err(ProtoError::TooLarge { len: total, max: MAX_IO_BYTES });
+            return Err(ProtoError::TooLarge {
+                len: total,
+                max: MAX_IO_BYTES,
+            });
         }
         extents.push(Extent { slab, len, offset });
     }
@@ -424,20 +480,36 @@ pub fn decode_request(op: u8, payload: &[u8]) -> Result<Request<'_>, ProtoError>
             if min_version > max_version {
                 return Err(ProtoError::Invalid("version range"));
             }
-            Request::Hello { min_version, max_version, client_nonce: c.secret()? }
+            Request::Hello {
+                min_version,
+                max_version,
+                client_nonce: c.secret()?,
+            }
         }
         Op::Auth => {
             let mac = c.secret()?;
-            let resume = if c.bool()? { Some((c.u64()?, c.secret()?)) } else { None };
+            let resume = if c.bool()? {
+                Some((c.u64()?, c.secret()?))
+            } else {
+                None
+            };
             Request::Auth { mac, resume }
         }
         Op::CloseSession => Request::CloseSession,
-        Op::Alloc => Request::Alloc { slab: c.u32()?, size: c.u64()? },
+        Op::Alloc => Request::Alloc {
+            slab: c.u32()?,
+            size: c.u64()?,
+        },
         Op::Free => Request::Free { slab: c.u32()? },
-        Op::Read => Request::Read { extents: decode_extents(&mut c)?.0 },
+        Op::Read => Request::Read {
+            extents: decode_extents(&mut c)?.0,
+        },
         Op::Write => {
             let (extents, total) = decode_extents(&mut c)?;
-            Request::Write { extents, data: c.take(total)? }
+            Request::Write {
+                extents,
+                data: c.take(total)?,
+            }
         }
         Op::Stat => Request::Stat,
         Op::Ping => Request::Ping { payload: c.rest() },
@@ -473,7 +545,11 @@ pub fn end_frame(out: &mut [u8], at: usize) {
 pub fn encode_request(out: &mut Vec<u8>, req_id: u64, req: &Request<'_>) {
     let at = begin_frame(out, req.op() as u8, req_id);
     match req {
-        Request::Hello { min_version, max_version, client_nonce } => {
+        Request::Hello {
+            min_version,
+            max_version,
+            client_nonce,
+        } => {
             out.extend_from_slice(&min_version.to_le_bytes());
             out.extend_from_slice(&max_version.to_le_bytes());
             out.extend_from_slice(client_nonce);
@@ -519,7 +595,11 @@ pub fn encode_reply(out: &mut Vec<u8>, req_id: u64, reply: &Reply<'_>) {
     };
     let at = begin_frame(out, op, req_id);
     match reply {
-        Reply::Challenge { version, auth_required, server_nonce } => {
+        Reply::Challenge {
+            version,
+            auth_required,
+            server_nonce,
+        } => {
             out.extend_from_slice(&version.to_le_bytes());
             out.push(*auth_required as u8);
             out.extend_from_slice(server_nonce);
@@ -696,17 +776,35 @@ mod tests {
 
     #[test]
     fn header_rejects_oversize_before_allocation() {
-        let mut b = Header { op: Op::Read as u8, len: 0, req_id: 1 }.encode();
+        let mut b = Header {
+            op: Op::Read as u8,
+            len: 0,
+            req_id: 1,
+        }
+        .encode();
         b[4..8].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
-        assert!(matches!(Header::decode(&b), Err(ProtoError::TooLarge { .. })));
+        assert!(matches!(
+            Header::decode(&b),
+            Err(ProtoError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn header_rejects_bad_magic_and_flags() {
-        let mut b = Header { op: 1, len: 0, req_id: 1 }.encode();
+        let mut b = Header {
+            op: 1,
+            len: 0,
+            req_id: 1,
+        }
+        .encode();
         b[0] = 0;
         assert!(matches!(Header::decode(&b), Err(ProtoError::BadMagic(_))));
-        let mut b = Header { op: 1, len: 0, req_id: 1 }.encode();
+        let mut b = Header {
+            op: 1,
+            len: 0,
+            req_id: 1,
+        }
+        .encode();
         b[3] = 1;
         assert_eq!(Header::decode(&b), Err(ProtoError::BadFlags(1)));
     }
@@ -715,21 +813,39 @@ mod tests {
     fn extent_limits_are_enforced() {
         let mut p = Vec::new();
         p.extend_from_slice(&0u32.to_le_bytes());
-        assert_eq!(decode_request(Op::Read as u8, &p), Err(ProtoError::Invalid("empty extent list")));
+        assert_eq!(
+            decode_request(Op::Read as u8, &p),
+            Err(ProtoError::Invalid("empty extent list"))
+        );
         let mut p = Vec::new();
         p.extend_from_slice(&(MAX_EXTENTS as u32 + 1).to_le_bytes());
-        assert!(matches!(decode_request(Op::Read as u8, &p), Err(ProtoError::TooLarge { .. })));
+        assert!(matches!(
+            decode_request(Op::Read as u8, &p),
+            Err(ProtoError::TooLarge { .. })
+        ));
         // Two 8 MiB extents overflow MAX_IO_BYTES.
         let big = Extent::new(0, 0, MAX_IO_BYTES as u32);
         let mut buf = Vec::new();
-        encode_request(&mut buf, 1, &Request::Read { extents: vec![big, big] });
-        assert!(matches!(decode_request(Op::Read as u8, &buf[HEADER_LEN..]), Err(ProtoError::TooLarge { .. })));
+        encode_request(
+            &mut buf,
+            1,
+            &Request::Read {
+                extents: vec![big, big],
+            },
+        );
+        assert!(matches!(
+            decode_request(Op::Read as u8, &buf[HEADER_LEN..]),
+            Err(ProtoError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn unknown_op_and_trailing_bytes() {
         assert_eq!(decode_request(0x7E, &[]), Err(ProtoError::UnknownOp(0x7E)));
-        assert!(matches!(decode_request(Op::Stat as u8, &[1]), Err(ProtoError::Trailing { .. })));
+        assert!(matches!(
+            decode_request(Op::Stat as u8, &[1]),
+            Err(ProtoError::Trailing { .. })
+        ));
     }
 
     #[test]

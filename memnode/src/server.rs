@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 use crate::auth::{client_proof, random_secret, secrets_equal, server_proof};
 use crate::metrics::Metrics;
 use crate::protocol::{
-    begin_frame, decode_request, encode_reply, end_frame, ErrorCode, Header, Op, Reply, Request, Secret,
-    StatReply, Welcome, HEADER_LEN, REPLY_BIT, VERSION_MAX, VERSION_MIN,
+    begin_frame, decode_request, encode_reply, end_frame, ErrorCode, Header, Op, Reply, Request,
+    Secret, StatReply, Welcome, HEADER_LEN, REPLY_BIT, VERSION_MAX, VERSION_MIN,
 };
 use crate::store::{Session, Store, StoreError};
 
@@ -78,7 +78,10 @@ pub struct Server {
 
 impl Server {
     pub fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
-        let listener = TcpListener::bind(cfg.listen).map_err(|source| ServerError::Bind { addr: cfg.listen, source })?;
+        let listener = TcpListener::bind(cfg.listen).map_err(|source| ServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
         let state = Arc::new(State {
             store: Store::new(cfg.capacity, cfg.lease_grace),
             metrics: Metrics::default(),
@@ -100,7 +103,9 @@ impl Server {
     /// Accepts connections until the process ends; spawns the lease reaper.
     pub fn run(self) -> Result<(), ServerError> {
         let reaper = self.state.clone();
-        std::thread::Builder::new().name("lease-reaper".into()).spawn(move || reap_forever(&reaper))?;
+        std::thread::Builder::new()
+            .name("lease-reaper".into())
+            .spawn(move || reap_forever(&reaper))?;
         for stream in self.listener.incoming() {
             let stream = match stream {
                 Ok(s) => s,
@@ -113,7 +118,10 @@ impl Server {
             };
             let state = self.state.clone();
             let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
-            state.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+            state
+                .metrics
+                .connections_total
+                .fetch_add(1, Ordering::Relaxed);
             let spawned = std::thread::Builder::new()
                 .name(format!("conn-{conn}"))
                 .spawn(move || serve_connection(&state, stream, conn));
@@ -130,7 +138,10 @@ fn reap_forever(state: &State) {
     loop {
         std::thread::sleep(tick);
         for id in state.store.reap() {
-            state.metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
+            state
+                .metrics
+                .sessions_expired
+                .fetch_add(1, Ordering::Relaxed);
             info!(session = id, "lease grace over: session's slabs freed");
         }
     }
@@ -139,7 +150,10 @@ fn reap_forever(state: &State) {
 /// Where a connection is in its life.
 enum Phase {
     New,
-    Challenged { server_nonce: Secret, client_nonce: Secret },
+    Challenged {
+        server_nonce: Secret,
+        client_nonce: Secret,
+    },
     Ready(Arc<Session>),
 }
 
@@ -160,13 +174,28 @@ struct Conn<'a> {
 
 fn serve_connection(state: &State, stream: TcpStream, id: u64) {
     let open = state.open.fetch_add(1, Ordering::Relaxed) + 1;
-    state.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-    let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let mut conn = Conn { state, id, peer, stream: &stream, phase: Phase::New, out: Vec::with_capacity(64 << 10) };
+    state
+        .metrics
+        .connections_open
+        .fetch_add(1, Ordering::Relaxed);
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut conn = Conn {
+        state,
+        id,
+        peer,
+        stream: &stream,
+        phase: Phase::New,
+        out: Vec::with_capacity(64 << 10),
+    };
     let result = if open > state.cfg.max_connections {
         conn.refuse_early(ErrorCode::Busy, "too many connections")
     } else if state.cfg.token.is_none() && !is_loopback(peer.ip()) {
-        conn.refuse_early(ErrorCode::NotLoopback, "this memory node runs without --token-file and accepts loopback clients only")
+        conn.refuse_early(
+            ErrorCode::NotLoopback,
+            "this memory node runs without --token-file and accepts loopback clients only",
+        )
     } else {
         conn.run()
     };
@@ -179,13 +208,18 @@ fn serve_connection(state: &State, stream: TcpStream, id: u64) {
         debug!(session = session.id, "session detached; lease grace starts");
     }
     state.open.fetch_sub(1, Ordering::Relaxed);
-    state.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+    state
+        .metrics
+        .connections_open
+        .fetch_sub(1, Ordering::Relaxed);
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -217,7 +251,10 @@ impl Conn<'_> {
                     Ok(_) => break,
                     Err(e) if is_timeout(&e) => {
                         if !matches!(self.phase, Phase::Ready(_)) && accepted.elapsed() >= timeout {
-                            return Err(io::Error::new(ErrorKind::TimedOut, "handshake not completed in time"));
+                            return Err(io::Error::new(
+                                ErrorKind::TimedOut,
+                                "handshake not completed in time",
+                            ));
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -256,7 +293,14 @@ impl Conn<'_> {
 
     fn error(&mut self, req_id: u64, code: ErrorCode, message: &str) {
         self.state.metrics.error(code);
-        encode_reply(&mut self.out, req_id, &Reply::Error { code: code as u16, message: message.to_string() });
+        encode_reply(
+            &mut self.out,
+            req_id,
+            &Reply::Error {
+                code: code as u16,
+                message: message.to_string(),
+            },
+        );
     }
 
     /// Replies with an error; protocol violations also end the connection.
@@ -281,7 +325,14 @@ impl Conn<'_> {
         let op = req.op();
         self.state.metrics.op(op);
         match (&self.phase, req) {
-            (Phase::New, Request::Hello { min_version, max_version, client_nonce }) => {
+            (
+                Phase::New,
+                Request::Hello {
+                    min_version,
+                    max_version,
+                    client_nonce,
+                },
+            ) => {
                 let version = max_version.min(VERSION_MAX);
                 if version < min_version.max(VERSION_MIN) {
                     let msg = format!("client speaks versions {min_version}..={max_version}, this node {VERSION_MIN}..={VERSION_MAX}");
@@ -289,11 +340,28 @@ impl Conn<'_> {
                 }
                 let server_nonce = random_secret();
                 let auth_required = self.state.cfg.token.is_some();
-                encode_reply(&mut self.out, req_id, &Reply::Challenge { version, auth_required, server_nonce });
-                self.phase = Phase::Challenged { server_nonce, client_nonce };
+                encode_reply(
+                    &mut self.out,
+                    req_id,
+                    &Reply::Challenge {
+                        version,
+                        auth_required,
+                        server_nonce,
+                    },
+                );
+                self.phase = Phase::Challenged {
+                    server_nonce,
+                    client_nonce,
+                };
                 Next::Continue
             }
-            (Phase::Challenged { server_nonce, client_nonce }, Request::Auth { mac, resume }) => {
+            (
+                Phase::Challenged {
+                    server_nonce,
+                    client_nonce,
+                },
+                Request::Auth { mac, resume },
+            ) => {
                 let (server_nonce, client_nonce) = (*server_nonce, *client_nonce);
                 self.authenticate(req_id, &server_nonce, &client_nonce, &mac, resume)
             }
@@ -322,7 +390,11 @@ impl Conn<'_> {
         let server_mac = match &self.state.cfg.token {
             Some(token) => {
                 if !secrets_equal(mac, &client_proof(token, server_nonce, client_nonce)) {
-                    return self.fail(req_id, ErrorCode::AuthFailed, "authentication failed: wrong token");
+                    return self.fail(
+                        req_id,
+                        ErrorCode::AuthFailed,
+                        "authentication failed: wrong token",
+                    );
                 }
                 server_proof(token, client_nonce, server_nonce)
             }
@@ -330,7 +402,13 @@ impl Conn<'_> {
         };
         let stream = match self.stream.try_clone() {
             Ok(s) => s,
-            Err(e) => return self.fail(req_id, ErrorCode::Internal, &format!("cannot clone socket: {e}")),
+            Err(e) => {
+                return self.fail(
+                    req_id,
+                    ErrorCode::Internal,
+                    &format!("cannot clone socket: {e}"),
+                )
+            }
         };
         let store = &self.state.store;
         let (session, resumed) = match resume {
@@ -357,12 +435,21 @@ impl Conn<'_> {
     fn serve(&mut self, req_id: u64, session: &Session, req: Request<'_>) -> Next {
         let store = &self.state.store;
         let result: Result<Option<Reply<'_>>, StoreError> = match req {
-            Request::Alloc { slab, size } => store.alloc(session, self.id, slab, size).map(|_| Some(Reply::Done(Op::Alloc))),
-            Request::Free { slab } => store.free(session, self.id, slab).map(|_| Some(Reply::Done(Op::Free))),
-            Request::Write { extents, data } => store.write(session, self.id, &extents, data).map(|_| {
-                self.state.metrics.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
-                Some(Reply::Done(Op::Write))
-            }),
+            Request::Alloc { slab, size } => store
+                .alloc(session, self.id, slab, size)
+                .map(|_| Some(Reply::Done(Op::Alloc))),
+            Request::Free { slab } => store
+                .free(session, self.id, slab)
+                .map(|_| Some(Reply::Done(Op::Free))),
+            Request::Write { extents, data } => {
+                store.write(session, self.id, &extents, data).map(|_| {
+                    self.state
+                        .metrics
+                        .bytes_written
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    Some(Reply::Done(Op::Write))
+                })
+            }
             Request::Read { extents } => {
                 // Fill the reply in place: no intermediate copy of the data.
                 let total: usize = extents.iter().map(|e| e.len as usize).sum();
@@ -372,7 +459,10 @@ impl Conn<'_> {
                 match store.read(session, self.id, &extents, &mut self.out[start..]) {
                     Ok(()) => {
                         end_frame(&mut self.out, at);
-                        self.state.metrics.bytes_read.fetch_add(total as u64, Ordering::Relaxed);
+                        self.state
+                            .metrics
+                            .bytes_read
+                            .fetch_add(total as u64, Ordering::Relaxed);
                         Ok(None)
                     }
                     Err(e) => {
@@ -396,7 +486,9 @@ impl Conn<'_> {
                 encode_reply(&mut self.out, req_id, &Reply::Done(Op::CloseSession));
                 return Next::Close;
             }
-            Request::Hello { .. } | Request::Auth { .. } => unreachable!("handled by the handshake"),
+            Request::Hello { .. } | Request::Auth { .. } => {
+                unreachable!("handled by the handshake")
+            }
         };
         match result {
             Ok(Some(reply)) => {

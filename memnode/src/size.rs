@@ -19,7 +19,11 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         Some(i) => t.split_at(i),
         None => (t, ""),
     };
-    let shift = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 0,
         "K" => 10,
         "M" => 20,
@@ -32,7 +36,9 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         return Err(invalid());
     }
     if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(1u64 << shift).ok_or_else(|| SizeError::Overflow(s.to_string()));
+        return n
+            .checked_mul(1u64 << shift)
+            .ok_or_else(|| SizeError::Overflow(s.to_string()));
     }
     let f: f64 = num.parse().map_err(|_| invalid())?;
     if !f.is_finite() || f < 0.0 {
@@ -47,7 +53,12 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
 
 /// Formats bytes for people: `1.50 GiB`, `512.0 MiB`, `4096 B`.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (name, unit) in UNITS {
         if bytes >= unit {
             return format!("{:.2} {name}", bytes as f64 / unit as f64);
@@ -76,7 +87,10 @@ mod tests {
         for bad in ["", "G", "-1G", "1X", "abc", "1.2.3M", "NaN", "inf"] {
             assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
         }
-        assert!(matches!(parse_size("99999999999T"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use thiserror::Error;
 
-use crate::lock;
 use crate::auth::{random_secret, secrets_equal};
+use crate::lock;
 use crate::protocol::{ErrorCode, Extent, Secret, MAX_SLAB_BYTES};
 use crate::sys::SlabMem;
 
@@ -29,7 +29,10 @@ pub struct StoreError {
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> StoreError {
-    StoreError { code, message: message.into() }
+    StoreError {
+        code,
+        message: message.into(),
+    }
 }
 
 /// The node's memory: capacity, and the sessions holding it.
@@ -120,9 +123,24 @@ impl Store {
 
     /// Reattaches session `id` to connection `conn` if `secret` matches.
     /// A connection that still owns it is shut down (takeover).
-    pub fn resume(&self, id: u64, secret: &Secret, conn: u64, stream: TcpStream) -> Result<Arc<Session>, StoreError> {
-        let unknown = || refuse(ErrorCode::UnknownSession, format!("session {id} is unknown or its lease expired"));
-        let s = self.sessions.get(&id).map(|e| e.value().clone()).ok_or_else(unknown)?;
+    pub fn resume(
+        &self,
+        id: u64,
+        secret: &Secret,
+        conn: u64,
+        stream: TcpStream,
+    ) -> Result<Arc<Session>, StoreError> {
+        let unknown = || {
+            refuse(
+                ErrorCode::UnknownSession,
+                format!("session {id} is unknown or its lease expired"),
+            )
+        };
+        let s = self
+            .sessions
+            .get(&id)
+            .map(|e| e.value().clone())
+            .ok_or_else(unknown)?;
         if !secrets_equal(&s.secret, secret) {
             return Err(unknown());
         }
@@ -194,18 +212,29 @@ impl Store {
     }
 
     /// Runs `f` on the session's slabs if connection `conn` owns it.
-    fn with<T>(&self, s: &Session, conn: u64, f: impl FnOnce(&mut SessionInner) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn with<T>(
+        &self,
+        s: &Session,
+        conn: u64,
+        f: impl FnOnce(&mut SessionInner) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut inner = lock(&s.inner);
         match inner.owner {
             Some((c, _)) if c == conn && !inner.closed => f(&mut inner),
-            _ => Err(refuse(ErrorCode::UnknownSession, "session was taken over by another connection")),
+            _ => Err(refuse(
+                ErrorCode::UnknownSession,
+                "session was taken over by another connection",
+            )),
         }
     }
 
     /// Leases slab `slab` of `size` bytes. Idempotent for the same size.
     pub fn alloc(&self, s: &Session, conn: u64, slab: u32, size: u64) -> Result<(), StoreError> {
         if size == 0 || size > MAX_SLAB_BYTES {
-            return Err(refuse(ErrorCode::SlabTooLarge, format!("slab size {size} must be between 1 and {MAX_SLAB_BYTES} bytes")));
+            return Err(refuse(
+                ErrorCode::SlabTooLarge,
+                format!("slab size {size} must be between 1 and {MAX_SLAB_BYTES} bytes"),
+            ));
         }
         let rounded = size.div_ceil(4096) * 4096;
         self.with(s, conn, |inner| {
@@ -213,7 +242,10 @@ impl Store {
                 return if existing.len() as u64 == rounded {
                     Ok(())
                 } else {
-                    Err(refuse(ErrorCode::SlabExists, format!("slab {slab} already exists with another size")))
+                    Err(refuse(
+                        ErrorCode::SlabExists,
+                        format!("slab {slab} already exists with another size"),
+                    ))
                 };
             }
             self.reserve(rounded)?;
@@ -225,7 +257,10 @@ impl Store {
                 }
                 Err(e) => {
                     self.used.fetch_sub(rounded, Ordering::Relaxed);
-                    Err(refuse(ErrorCode::Full, format!("cannot map {rounded} bytes: {e}")))
+                    Err(refuse(
+                        ErrorCode::Full,
+                        format!("cannot map {rounded} bytes: {e}"),
+                    ))
                 }
             }
         })
@@ -233,12 +268,17 @@ impl Store {
 
     fn reserve(&self, bytes: u64) -> Result<(), StoreError> {
         self.used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| u.checked_add(bytes).filter(|n| *n <= self.capacity))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                u.checked_add(bytes).filter(|n| *n <= self.capacity)
+            })
             .map(|_| ())
             .map_err(|used| {
                 refuse(
                     ErrorCode::Full,
-                    format!("memory node full: {used} of {} bytes leased, {bytes} more requested", self.capacity),
+                    format!(
+                        "memory node full: {used} of {} bytes leased, {bytes} more requested",
+                        self.capacity
+                    ),
                 )
             })
     }
@@ -255,7 +295,13 @@ impl Store {
 
     /// Reads every extent into `out` (concatenated). All extents are checked
     /// before any byte moves, so a refused batch has no partial effect.
-    pub fn read(&self, s: &Session, conn: u64, extents: &[Extent], out: &mut [u8]) -> Result<(), StoreError> {
+    pub fn read(
+        &self,
+        s: &Session,
+        conn: u64,
+        extents: &[Extent],
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
         self.with(s, conn, |inner| {
             check_extents(inner, extents)?;
             let mut pos = 0;
@@ -270,7 +316,13 @@ impl Store {
     }
 
     /// Writes `data` (concatenated) to every extent, all or nothing.
-    pub fn write(&self, s: &Session, conn: u64, extents: &[Extent], data: &[u8]) -> Result<(), StoreError> {
+    pub fn write(
+        &self,
+        s: &Session,
+        conn: u64,
+        extents: &[Extent],
+        data: &[u8],
+    ) -> Result<(), StoreError> {
         self.with(s, conn, |inner| {
             check_extents(inner, extents)?;
             let mut pos = 0;
@@ -286,11 +338,20 @@ impl Store {
     }
 
     pub fn session_figures(&self, s: &Session, conn: u64) -> Result<SessionFigures, StoreError> {
-        self.with(s, conn, |inner| Ok(SessionFigures { slabs: inner.slabs.len() as u32, bytes: inner.bytes }))
+        self.with(s, conn, |inner| {
+            Ok(SessionFigures {
+                slabs: inner.slabs.len() as u32,
+                bytes: inner.bytes,
+            })
+        })
     }
 
     pub fn figures(&self) -> StoreFigures {
-        let mut f = StoreFigures { capacity: self.capacity, used: self.used(), ..Default::default() };
+        let mut f = StoreFigures {
+            capacity: self.capacity,
+            used: self.used(),
+            ..Default::default()
+        };
         for e in self.sessions.iter() {
             let inner = lock(&e.value().inner);
             if inner.owner.is_some() {
@@ -305,7 +366,10 @@ impl Store {
 }
 
 fn no_slab(slab: u32) -> StoreError {
-    refuse(ErrorCode::NoSuchSlab, format!("no slab {slab} in this session"))
+    refuse(
+        ErrorCode::NoSuchSlab,
+        format!("no slab {slab} in this session"),
+    )
 }
 
 fn check_extents(inner: &SessionInner, extents: &[Extent]) -> Result<(), StoreError> {
@@ -315,7 +379,13 @@ fn check_extents(inner: &SessionInner, extents: &[Extent]) -> Result<(), StoreEr
         if end.is_none_or(|end| end > m.len() as u64) {
             return Err(refuse(
                 ErrorCode::OutOfBounds,
-                format!("extent {}+{} is outside slab {} of {} bytes", e.offset, e.len, e.slab, m.len()),
+                format!(
+                    "extent {}+{} is outside slab {} of {} bytes",
+                    e.offset,
+                    e.len,
+                    e.slab,
+                    m.len()
+                ),
             ));
         }
     }

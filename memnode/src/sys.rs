@@ -64,19 +64,27 @@ impl SlabMem {
 
     /// Copies `out.len()` bytes from `offset`; `false` when out of bounds.
     pub fn read_at(&self, offset: u64, out: &mut [u8]) -> bool {
-        let Some(off) = self.check(offset, out.len()) else { return false };
+        let Some(off) = self.check(offset, out.len()) else {
+            return false;
+        };
         // SAFETY: [off, off+len) lies inside the mapping (checked above), and
         // `out` is a distinct Rust buffer, so the ranges cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr(), out.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr(), out.len())
+        };
         true
     }
 
     /// Copies `data` to `offset`; `false` when out of bounds.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> bool {
-        let Some(off) = self.check(offset, data.len()) else { return false };
+        let Some(off) = self.check(offset, data.len()) else {
+            return false;
+        };
         // SAFETY: the range is inside the mapping (checked above), we hold
         // `&mut self`, and `data` cannot alias our private mapping.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(off), data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(off), data.len())
+        };
         true
     }
 }

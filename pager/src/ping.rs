@@ -38,7 +38,12 @@ pub struct PingReport {
     pub read_rtt_max: Duration,
 }
 
-pub fn ping(addr: &str, token_file: Option<&Path>, pages: usize, rounds: usize) -> Result<PingReport, PingError> {
+pub fn ping(
+    addr: &str,
+    token_file: Option<&Path>,
+    pages: usize,
+    rounds: usize,
+) -> Result<PingReport, PingError> {
     let mut cfg = ClientConfig::new(addr);
     cfg.token = token_file.map(load_token).transpose()?;
     cfg.reconnect_window = Duration::ZERO; // an operator check should fail fast
@@ -56,25 +61,39 @@ pub fn ping(addr: &str, token_file: Option<&Path>, pages: usize, rounds: usize) 
         let r = random_secret();
         chunk.copy_from_slice(&r[..chunk.len()]);
     }
-    let extents: Vec<Extent> = (0..pages).map(|i| Extent::new(slab, (i * PAGE) as u64, PAGE as u32)).collect();
+    let extents: Vec<Extent> = (0..pages)
+        .map(|i| Extent::new(slab, (i * PAGE) as u64, PAGE as u32))
+        .collect();
     let t = Instant::now();
     client.write(&extents, &data)?;
     let write_batch = t.elapsed();
     let t = Instant::now();
     let back = client.read(&extents)?;
     let read_batch = t.elapsed();
-    if let Some(offset) = back.iter().zip(&data).position(|(a, b)| a != b).or((back.len() != data.len()).then_some(0)) {
-        return Err(PingError::Mismatch { page: offset / PAGE, offset });
+    if let Some(offset) = back
+        .iter()
+        .zip(&data)
+        .position(|(a, b)| a != b)
+        .or((back.len() != data.len()).then_some(0))
+    {
+        return Err(PingError::Mismatch {
+            page: offset / PAGE,
+            offset,
+        });
     }
 
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds");
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds");
     for r in 0..rounds.max(1) {
         let page = r % pages;
         let t = Instant::now();
         let got = client.read(&extents[page..page + 1])?;
         hist.saturating_record((t.elapsed().as_nanos() as u64).max(1));
         if got[..] != data[page * PAGE..(page + 1) * PAGE] {
-            return Err(PingError::Mismatch { page, offset: page * PAGE });
+            return Err(PingError::Mismatch {
+                page,
+                offset: page * PAGE,
+            });
         }
     }
     client.free(slab)?;
@@ -96,10 +115,34 @@ pub fn ping(addr: &str, token_file: Option<&Path>, pages: usize, rounds: usize) 
 impl std::fmt::Display for PingReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
-        writeln!(f, "connected and authenticated in {:.0} us (session {})", us(self.connect), self.session)?;
-        writeln!(f, "node capacity {}, {} leased", format_size(self.capacity), format_size(self.used))?;
-        writeln!(f, "wrote {} pages in one batch: {:.0} us", self.pages, us(self.write_batch))?;
-        writeln!(f, "read them back and verified: {:.0} us", us(self.read_batch))?;
-        write!(f, "4 KiB read round trip: p50 {:.1} us, max {:.1} us", us(self.read_rtt_p50), us(self.read_rtt_max))
+        writeln!(
+            f,
+            "connected and authenticated in {:.0} us (session {})",
+            us(self.connect),
+            self.session
+        )?;
+        writeln!(
+            f,
+            "node capacity {}, {} leased",
+            format_size(self.capacity),
+            format_size(self.used)
+        )?;
+        writeln!(
+            f,
+            "wrote {} pages in one batch: {:.0} us",
+            self.pages,
+            us(self.write_batch)
+        )?;
+        writeln!(
+            f,
+            "read them back and verified: {:.0} us",
+            us(self.read_batch)
+        )?;
+        write!(
+            f,
+            "4 KiB read round trip: p50 {:.1} us, max {:.1} us",
+            us(self.read_rtt_p50),
+            us(self.read_rtt_max)
+        )
     }
 }

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "dmem", version, about = "Run programs with more memory than the machine has")]
+#[command(
+    name = "dmem",
+    version,
+    about = "Run programs with more memory than the machine has"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -33,22 +37,27 @@ enum Cmd {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Ping { memnode, token_file, pages, rounds } => {
-            match dmem_pager::ping::ping(&memnode, token_file.as_deref(), pages, rounds) {
-                Ok(report) => {
-                    println!("memory node {memnode}: OK");
-                    println!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("dmem ping: memory node {memnode}: FAILED: {e}");
-                    ExitCode::FAILURE
-                }
+        Cmd::Ping {
+            memnode,
+            token_file,
+            pages,
+            rounds,
+        } => match dmem_pager::ping::ping(&memnode, token_file.as_deref(), pages, rounds) {
+            Ok(report) => {
+                println!("memory node {memnode}: OK");
+                println!("{report}");
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("dmem ping: memory node {memnode}: FAILED: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
