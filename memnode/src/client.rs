@@ -14,11 +14,13 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
+use nix::sys::socket::{recv, MsgFlags};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
@@ -28,6 +30,10 @@ use crate::protocol::{
     decode_reply, encode_request, ErrorCode, Extent, Header, Op, ProtoError, Reply, Request,
     Secret, StatReply, Welcome, HEADER_LEN, VERSION_MAX, VERSION_MIN,
 };
+
+/// How long a request write may block before the writer checks for
+/// replies to read (see `Conn::write_frame`).
+const WRITE_STALL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -139,11 +145,15 @@ impl Conn {
     }
 
     /// Called by a reader that is done: hands the socket to a blocked waiter.
+    /// Skips waiters whose reply was already dispatched (they are about to
+    /// leave `blocked`): handing them the lead would lose it, and the other
+    /// blocked waiters would wait for a reader until they time out.
     fn pass_lead(&self) {
-        let next = lock(&self.blocked).pop();
-        if let Some(id) = next {
+        let mut blocked = lock(&self.blocked);
+        while let Some(id) = blocked.pop() {
             if let Some(tx) = lock(&self.pending).get(&id) {
                 let _ = tx.try_send(Msg::Lead);
+                return;
             }
         }
     }
@@ -178,20 +188,88 @@ impl Conn {
                 lock(&self.pending).remove(&id);
                 return Ok(raw);
             }
-            match lock(&self.pending).remove(&h.req_id) {
-                Some(tx) => {
-                    let _ = tx.try_send(Msg::Done(Ok(raw)));
+            self.dispatch(h.req_id, raw, addr);
+        }
+    }
+
+    /// Hands a reply to the waiter of request `req_id`.
+    fn dispatch(&self, req_id: u64, raw: RawReply, addr: &str) {
+        match lock(&self.pending).remove(&req_id) {
+            Some(tx) => {
+                let _ = tx.try_send(Msg::Done(Ok(raw)));
+            }
+            None if raw.op == crate::protocol::OP_ERROR => {
+                // An error tied to no request (the node dropping us):
+                // log it; the EOF that follows fails everything pending.
+                if let Ok(Reply::Error { message, .. }) = decode_reply(raw.op, &raw.payload) {
+                    warn!(%addr, "memory node: {message}");
                 }
-                None if h.op == crate::protocol::OP_ERROR => {
-                    // An error tied to no request (the node dropping us):
-                    // log it; the EOF that follows fails everything pending.
-                    if let Ok(Reply::Error { message, .. }) = decode_reply(h.op, &raw.payload) {
-                        warn!(%addr, "memory node: {message}");
+            }
+            None => debug!(%addr, req = req_id, "reply to an unknown request dropped"),
+        }
+    }
+
+    /// Writes a whole request frame. The node stops reading requests while
+    /// its replies go unread, so a writer that finds the socket full reads
+    /// and dispatches the replies that have arrived (unless another thread
+    /// is reading) instead of only waiting, which could deadlock both sides.
+    fn write_frame(&self, frame: &[u8], cfg: &ClientConfig) -> io::Result<()> {
+        let mut w = lock(&self.writer);
+        let mut pos = 0;
+        let mut stalled_since: Option<Instant> = None;
+        while pos < frame.len() {
+            match w.write(&frame[pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    pos += n;
+                    stalled_since = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if stalled_since.get_or_insert_with(Instant::now).elapsed()
+                        >= cfg.request_timeout
+                    {
+                        return Err(e);
                     }
+                    self.read_ready(cfg);
                 }
-                None => debug!(%addr, req = h.req_id, "reply to an unknown request dropped"),
+                Err(e) => return Err(e),
             }
         }
+        Ok(())
+    }
+
+    /// Reads and dispatches the replies already received, without waiting
+    /// for more, if no other thread is reading.
+    fn read_ready(&self, cfg: &ClientConfig) {
+        let Ok(mut r) = self.reader.try_lock() else {
+            return;
+        };
+        let mut peek = [0u8; 1];
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        while !self.dead.load(Ordering::SeqCst)
+            && (!r.buffer().is_empty()
+                || matches!(recv(self.stream.as_raw_fd(), &mut peek, flags), Ok(n) if n > 0))
+        {
+            // A frame once started arrives whole: the node writes replies
+            // out completely before it reads the next request.
+            match read_frame(&mut *r) {
+                Ok((h, payload)) => {
+                    self.dispatch(h.req_id, RawReply { op: h.op, payload }, &cfg.addr)
+                }
+                Err(e) => {
+                    debug!(addr = %cfg.addr, "connection lost: {e}");
+                    self.kill();
+                }
+            }
+        }
+        drop(r);
+        self.pass_lead();
     }
 }
 
@@ -382,7 +460,7 @@ impl Shared {
             // Room for a reply and a lead hand-off; senders never block.
             let (tx, rx) = channel::bounded(4);
             lock(&conn.pending).insert(id, tx);
-            let written = lock(&conn.writer).write_all(frame);
+            let written = conn.write_frame(frame, &self.cfg);
             match written {
                 Ok(()) => return Ok((rx, conn)),
                 Err(e) => {
@@ -680,6 +758,9 @@ fn open(
     }
     // A reader blocked this long on a reply gives the connection up.
     s.set_read_timeout(Some(cfg.request_timeout))
+        .map_err(|e| unreachable_err(cfg, e))?;
+    // A writer blocked this long looks for replies to read (write_frame).
+    s.set_write_timeout(Some(WRITE_STALL))
         .map_err(|e| unreachable_err(cfg, e))?;
     let clone = |s: &TcpStream| s.try_clone().map_err(|e| unreachable_err(cfg, e));
     let conn = Arc::new(Conn {

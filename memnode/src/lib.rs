@@ -9,6 +9,7 @@ pub mod server;
 pub mod size;
 pub mod store;
 pub mod sys;
+mod uring;
 
 use std::sync::{Mutex, MutexGuard};
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use dmem_memnode::auth::load_token;
 use dmem_memnode::metrics::serve_http;
-use dmem_memnode::server::{Server, ServerConfig};
+use dmem_memnode::server::{IoMode, Server, ServerConfig};
 use dmem_memnode::size::{format_size, parse_size};
 use dmem_memnode::sys::mem_available;
 use nix::sys::signal::{SigSet, Signal};
@@ -43,6 +43,16 @@ struct Args {
     /// Most simultaneous connections.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// How connections do socket I/O: a thread per connection with blocking
+    /// calls, or a thread per connection driving an io_uring.
+    #[arg(long, value_enum, default_value_t = Io::Threads)]
+    io: Io,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Io {
+    Threads,
+    Uring,
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration, String> {
@@ -81,7 +91,16 @@ fn run(args: Args) -> Result<(), String> {
     let mut cfg = ServerConfig::new(args.listen, args.capacity);
     cfg.lease_grace = seconds("lease-grace", args.lease_grace)?;
     cfg.io_timeout = seconds("io-timeout", args.io_timeout)?;
+    if cfg.io_timeout.is_zero() {
+        // A zero socket timeout is refused by the OS: every connection
+        // would be dropped at once.
+        return Err("--io-timeout must be greater than zero".into());
+    }
     cfg.max_connections = args.max_connections;
+    cfg.io = match args.io {
+        Io::Threads => IoMode::Threads,
+        Io::Uring => IoMode::Uring,
+    };
     if args.capacity == 0 {
         return Err("--capacity must be greater than zero".into());
     }

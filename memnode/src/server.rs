@@ -25,8 +25,8 @@ use crate::protocol::{
 use crate::store::{Session, Store, StoreError};
 
 /// Flush the reply buffer once it holds this much, even mid-burst.
-const FLUSH_AT: usize = 1 << 20;
-const READ_BUFFER: usize = 1 << 20;
+pub(crate) const FLUSH_AT: usize = 1 << 20;
+pub(crate) const READ_BUFFER: usize = 1 << 20;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -34,6 +34,17 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+}
+
+/// How connections move bytes; request handling is the same for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// A thread per connection with blocking `read(2)`/`write(2)`.
+    #[default]
+    Threads,
+    /// A thread per connection driving its socket through its own io_uring
+    /// (see `uring.rs`).
+    Uring,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +58,7 @@ pub struct ServerConfig {
     /// A peer that stalls mid-frame or mid-handshake this long is dropped.
     pub io_timeout: Duration,
     pub max_connections: usize,
+    pub io: IoMode,
 }
 
 impl ServerConfig {
@@ -58,6 +70,7 @@ impl ServerConfig {
             lease_grace: Duration::from_secs(60),
             io_timeout: Duration::from_secs(30),
             max_connections: 256,
+            io: IoMode::Threads,
         }
     }
 }
@@ -66,7 +79,7 @@ impl ServerConfig {
 pub struct State {
     pub store: Store,
     pub metrics: Metrics,
-    cfg: ServerConfig,
+    pub(crate) cfg: ServerConfig,
     next_conn: AtomicU64,
     open: AtomicUsize,
 }
@@ -78,6 +91,9 @@ pub struct Server {
 
 impl Server {
     pub fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        if cfg.io == IoMode::Uring {
+            crate::uring::probe()?;
+        }
         let listener = TcpListener::bind(cfg.listen).map_err(|source| ServerError::Bind {
             addr: cfg.listen,
             source,
@@ -158,18 +174,21 @@ enum Phase {
 }
 
 /// What the handler wants after a request.
-enum Next {
+pub(crate) enum Next {
     Continue,
     Close,
 }
 
-struct Conn<'a> {
-    state: &'a State,
+/// One connection's protocol state, whatever moves its bytes: the I/O loop
+/// ([`Conn::run`] or `uring::run`) feeds it frames and sends `out`.
+pub(crate) struct Conn<'a> {
+    pub(crate) state: &'a State,
     id: u64,
     peer: SocketAddr,
-    stream: &'a TcpStream,
+    pub(crate) stream: &'a TcpStream,
     phase: Phase,
-    out: Vec<u8>,
+    /// Replies not yet sent.
+    pub(crate) out: Vec<u8>,
 }
 
 fn serve_connection(state: &State, stream: TcpStream, id: u64) {
@@ -197,7 +216,10 @@ fn serve_connection(state: &State, stream: TcpStream, id: u64) {
             "this memory node runs without --token-file and accepts loopback clients only",
         )
     } else {
-        conn.run()
+        match state.cfg.io {
+            IoMode::Threads => conn.run(),
+            IoMode::Uring => crate::uring::run(&mut conn),
+        }
     };
     match result {
         Ok(()) => debug!(conn = id, %peer, "connection closed"),
@@ -264,13 +286,8 @@ impl Conn<'_> {
             // Mid-frame, a timeout means a stalled peer: drop it.
             let mut raw = [0u8; HEADER_LEN];
             reader.read_exact(&mut raw)?;
-            let header = match Header::decode(&raw) {
-                Ok(h) => h,
-                Err(e) => {
-                    let req_id = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
-                    self.error(req_id, ErrorCode::from(&e), &e.to_string());
-                    return self.flush();
-                }
+            let Some(header) = self.header(&raw) else {
+                return self.flush();
             };
             payload.resize(header.len as usize, 0);
             reader.read_exact(&mut payload)?;
@@ -280,6 +297,24 @@ impl Conn<'_> {
             }
             if reader.buffer().is_empty() || self.out.len() >= FLUSH_AT {
                 self.flush()?;
+            }
+        }
+    }
+
+    /// Whether the handshake is done (idle connections are then fine).
+    pub(crate) fn ready(&self) -> bool {
+        matches!(self.phase, Phase::Ready(_))
+    }
+
+    /// Decodes a frame header; a bad one is answered with an error in `out`
+    /// and `None`, after which the caller sends `out` and closes.
+    pub(crate) fn header(&mut self, raw: &[u8; HEADER_LEN]) -> Option<Header> {
+        match Header::decode(raw) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                let req_id = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
+                self.error(req_id, ErrorCode::from(&e), &e.to_string());
+                None
             }
         }
     }
@@ -316,7 +351,8 @@ impl Conn<'_> {
         }
     }
 
-    fn handle(&mut self, header: Header, payload: &[u8]) -> Next {
+    /// Handles one request frame, appending its reply to `out`.
+    pub(crate) fn handle(&mut self, header: Header, payload: &[u8]) -> Next {
         let req_id = header.req_id;
         let req = match decode_request(header.op, payload) {
             Ok(r) => r,

@@ -67,11 +67,12 @@ impl SlabMem {
         let Some(off) = self.check(offset, out.len()) else {
             return false;
         };
+        // SAFETY: off + out.len() <= self.len (checked above), so the pointer
+        // stays inside the mapping.
+        let src = unsafe { self.ptr.as_ptr().add(off) };
         // SAFETY: [off, off+len) lies inside the mapping (checked above), and
         // `out` is a distinct Rust buffer, so the ranges cannot overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr(), out.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
         true
     }
 
@@ -80,11 +81,12 @@ impl SlabMem {
         let Some(off) = self.check(offset, data.len()) else {
             return false;
         };
+        // SAFETY: off + data.len() <= self.len (checked above), so the
+        // pointer stays inside the mapping.
+        let dst = unsafe { self.ptr.as_ptr().add(off) };
         // SAFETY: the range is inside the mapping (checked above), we hold
         // `&mut self`, and `data` cannot alias our private mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(off), data.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
         true
     }
 }

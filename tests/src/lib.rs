@@ -1,1 +1,580 @@
-//! Helpers for end-to-end tests.
+//! Helpers for the dmem end-to-end tests: real daemon processes, real
+//! sockets, no mocks.
+//!
+//! - [`bin_path`] finds the release binaries next to the test executable and
+//!   refuses to run tests against missing or stale ones.
+//! - [`Memnode`] runs a `dmem-memnode` process on a port of its choosing and
+//!   kills it on drop (printing its log if the test failed).
+//! - [`raw::RawConn`] speaks the wire protocol by hand, for bad input.
+//! - [`netns::Netns`] builds a network namespace joined to the host by a veth
+//!   pair, for tests of non-loopback clients.
+//!
+//! Every helper that waits has a generous deadline: it exists so that a broken
+//! daemon fails a test instead of hanging it, never to measure speed.
+
+pub mod netns;
+pub mod raw;
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use dmem_memnode::client::{Client, ClientConfig};
+use dmem_memnode::protocol::Extent;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Deadline for anything that should happen "at once" (a daemon starting, a
+/// reply arriving). Only a hang guard: healthy runs take milliseconds.
+pub const HANG_GUARD: Duration = Duration::from_secs(20);
+
+pub const PAGE: usize = 4096;
+
+/// Path of a workspace binary (`dmem-memnode`, `dmem`) built by
+/// `cargo build --release --workspace`. The test executable lives in
+/// `target/release/deps/`, the binaries one level up.
+///
+/// Panics with instructions when the binary is missing, or older than the
+/// sources it is built from (a stale binary would test old code). Set
+/// `DMEM_TESTS_ALLOW_STALE=1` to skip the staleness check.
+pub fn bin_path(name: &str) -> PathBuf {
+    static CHECKED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let exe = std::env::current_exe().expect("cannot locate the test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable is not inside target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} does not exist: run `cargo build --release --workspace` first",
+        path.display()
+    );
+    let mut checked = CHECKED.lock().unwrap_or_else(|p| p.into_inner());
+    if !checked.iter().any(|n| n == name) {
+        check_fresh(&path, name);
+        checked.push(name.to_string());
+    }
+    path
+}
+
+fn check_fresh(bin: &Path, name: &str) {
+    if std::env::var_os("DMEM_TESTS_ALLOW_STALE").is_some() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace");
+    let crates: &[&str] = match name {
+        "dmem-memnode" => &["memnode"],
+        _ => &["memnode", "pager"],
+    };
+    let built = mtime(bin).expect("binary has an mtime");
+    for c in crates {
+        let dir = root.join(c);
+        if let Some((src, t)) = newest_source(&dir) {
+            assert!(
+                t <= built,
+                "{} is older than {}: run `cargo build --release --workspace` first \
+                 (or set DMEM_TESTS_ALLOW_STALE=1 to test the old binary anyway)",
+                bin.display(),
+                src.display()
+            );
+        }
+    }
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Newest `.rs` file or `Cargo.toml` under `dir`.
+fn newest_source(dir: &Path) -> Option<(PathBuf, SystemTime)> {
+    let mut best: Option<(PathBuf, SystemTime)> = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension() == Some(OsStr::new("rs"))
+                || p.file_name() == Some(OsStr::new("Cargo.toml"))
+            {
+                if let Some(t) = mtime(&p) {
+                    if best.as_ref().is_none_or(|(_, b)| t > *b) {
+                        best = Some((p, t));
+                    }
+                }
+            }
+        }
+    }
+    best
+}
+
+/// A directory removed on drop, unique to this process and call.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("dmem-tests-{}-{n}-{label}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `name` inside the directory and returns its path.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::write(&p, contents).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A running `dmem-memnode` process, killed (SIGKILL) on drop.
+pub struct Memnode {
+    child: Child,
+    addr: SocketAddr,
+    _stdout: BufReader<ChildStdout>,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Memnode {
+    /// Starts `dmem-memnode` with `args`, adding `--listen 127.0.0.1:0` and
+    /// `--capacity 64M` unless `args` give them, and waits for its
+    /// "listening on" line.
+    pub fn start<S: AsRef<OsStr>>(args: &[S]) -> Memnode {
+        Memnode::start_wrapped::<&str, S>(&[], args)
+    }
+
+    /// Like [`Memnode::start`], but runs the binary under `wrapper` (for
+    /// example `ip netns exec NS`).
+    pub fn start_wrapped<W: AsRef<OsStr>, S: AsRef<OsStr>>(wrapper: &[W], args: &[S]) -> Memnode {
+        let args: Vec<&OsStr> = args.iter().map(AsRef::as_ref).collect();
+        let mut full: Vec<&OsStr> = Vec::new();
+        if !args.contains(&OsStr::new("--listen")) {
+            full.extend([OsStr::new("--listen"), OsStr::new("127.0.0.1:0")]);
+        }
+        if !args.contains(&OsStr::new("--capacity")) {
+            full.extend([OsStr::new("--capacity"), OsStr::new("64M")]);
+        }
+        full.extend(args);
+        // Lets the whole suite run against another configuration, e.g.
+        // DMEM_TESTS_MEMNODE_ARGS="--io uring".
+        let extra = std::env::var("DMEM_TESTS_MEMNODE_ARGS").unwrap_or_default();
+        full.extend(extra.split_whitespace().map(OsStr::new));
+        let bin = bin_path("dmem-memnode");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.args(&full);
+        Memnode::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Memnode {
+        let dir = TempDir::new("memnode");
+        let log = dir.path().join("memnode.log");
+        let log_file = std::fs::File::create(&log).expect("create memnode log");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .env("RUST_LOG", "debug");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            let n = r.read_line(&mut line);
+            let _ = tx.send((n.map(|_| line), r));
+        });
+        let (line, stdout) = match rx.recv_timeout(HANG_GUARD) {
+            Ok((Ok(line), r)) if !line.is_empty() => (line, r),
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let why = match other {
+                    Ok(_) => "it exited without printing its address".to_string(),
+                    Err(_) => format!("it printed nothing within {HANG_GUARD:?}"),
+                };
+                panic!(
+                    "dmem-memnode did not start ({why}): {cmd:?}\n--- log ---\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        let addr = line
+            .trim()
+            .strip_prefix("dmem-memnode listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from dmem-memnode: {line:?}"));
+        Memnode {
+            child,
+            addr,
+            _stdout: stdout,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn addr_string(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Client configuration for this node, without a token.
+    pub fn config(&self) -> ClientConfig {
+        ClientConfig::new(self.addr_string())
+    }
+
+    /// A new session on this node, without a token.
+    pub fn client(&self) -> Client {
+        Client::connect(self.config()).expect("connect to memnode")
+    }
+
+    /// A new session on this node, authenticated with `token`.
+    pub fn client_with_token(&self, token: &[u8]) -> Client {
+        let mut cfg = self.config();
+        cfg.token = Some(token.to_vec());
+        Client::connect(cfg).expect("connect to memnode with token")
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), sig).expect("signal memnode");
+    }
+
+    /// Whether the process has exited (without reaping a still-running one).
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits for the process to exit; panics after `guard`.
+    pub fn wait_exit(&mut self, guard: Duration) -> ExitStatus {
+        let deadline = Instant::now() + guard;
+        loop {
+            if let Some(st) = self.try_exit_status() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dmem-memnode (pid {}) still running after {guard:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Peak resident set size of the daemon, in bytes (VmHWM).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kb * 1024
+    }
+
+    /// Panics unless the process is still running.
+    pub fn assert_alive(&mut self) {
+        if let Some(st) = self.try_exit_status() {
+            panic!("dmem-memnode died ({st}); log:\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for Memnode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let mut start = log.len().saturating_sub(16 << 10);
+            while !log.is_char_boundary(start) {
+                start += 1;
+            }
+            eprintln!(
+                "--- dmem-memnode {} log (tail) ---\n{}",
+                self.addr,
+                &log[start..]
+            );
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago (bind port 0, then close).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Polls `f` every 20 ms until it returns `Some`; panics after `guard` with
+/// `what` (a hang guard for asynchronous effects such as lease reaping).
+pub fn eventually<T>(guard: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + guard;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {guard:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Fetches `http://addr/metrics`; returns the body.
+pub fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to metrics endpoint");
+    s.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("send metrics request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read metrics response");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "metrics endpoint answered {head:?}"
+    );
+    body.to_string()
+}
+
+/// The value of series `series` (name with labels, exactly as exposed) in a
+/// Prometheus text body; panics if the series is absent.
+pub fn metric(body: &str, series: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("series {series} not found in metrics:\n{body}"))
+}
+
+/// A small, fast, seedable PRNG (SplitMix64) for test data. The seed is
+/// printed so that a failure can be replayed with `DMEM_TEST_SEED`.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(label: &str) -> Rng {
+        let seed = std::env::var("DMEM_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                let s = dmem_memnode::auth::random_secret();
+                u64::from_le_bytes(s[..8].try_into().expect("8 bytes"))
+            });
+        eprintln!("{label}: DMEM_TEST_SEED={seed}");
+        Rng(seed)
+    }
+
+    pub fn seeded(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.fill(&mut v);
+        v
+    }
+}
+
+/// Extents for pages `first..first+count` of `slab`, one page each.
+pub fn page_extents(slab: u32, first: usize, count: usize) -> Vec<Extent> {
+    (first..first + count)
+        .map(|i| Extent::new(slab, (i * PAGE) as u64, PAGE as u32))
+        .collect()
+}
+
+/// Asserts two buffers are equal, reporting the first difference (not a
+/// multi-megabyte dump).
+#[track_caller]
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length differs");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i} (page {}): got {:#04x}, want {:#04x}",
+            i / PAGE,
+            got[i],
+            want[i]
+        );
+    }
+}
+
+/// Checks that a node serves a brand-new client correctly: a fresh session
+/// leases a slab, writes random pages, reads them back byte for byte, and
+/// closes. Used after every bad input.
+#[track_caller]
+pub fn assert_serves(addr: SocketAddr, token: Option<&[u8]>) {
+    let mut cfg = ClientConfig::new(addr.to_string());
+    cfg.token = token.map(<[u8]>::to_vec);
+    let c = Client::connect(cfg).expect("a good client must still connect");
+    let mut rng = Rng::seeded(u64::from(addr.port()) ^ 0x5eed);
+    c.alloc(7, (16 * PAGE) as u64).expect("alloc");
+    let ext = page_extents(7, 0, 16);
+    let data = rng.bytes(16 * PAGE);
+    c.write(&ext, &data).expect("write");
+    let back = c.read(&ext).expect("read");
+    assert_same(&back, &data, "good client after bad input");
+    c.close_session().expect("close session");
+}
+
+/// A client connected before some bad input, with data written, to check
+/// afterwards that the node kept serving it ("keeps serving everyone else").
+pub struct Bystander {
+    pub client: Client,
+    ext: Vec<Extent>,
+    data: Vec<u8>,
+}
+
+impl Bystander {
+    pub fn new(node: &Memnode, token: Option<&[u8]>) -> Bystander {
+        let mut cfg = node.config();
+        cfg.token = token.map(<[u8]>::to_vec);
+        let client = Client::connect(cfg).expect("bystander connects");
+        client.alloc(1, (8 * PAGE) as u64).expect("bystander alloc");
+        let ext = page_extents(1, 0, 8);
+        let data = Rng::new("bystander").bytes(8 * PAGE);
+        client.write(&ext, &data).expect("bystander write");
+        Bystander { client, ext, data }
+    }
+
+    /// The bystander's data is intact, on the same connection.
+    #[track_caller]
+    pub fn check(&self) {
+        let back = self.client.read(&self.ext).expect("bystander read");
+        assert_same(&back, &self.data, "bystander data");
+        assert_eq!(
+            self.client.reconnects(),
+            0,
+            "bystander's connection must not have been dropped"
+        );
+    }
+}
+
+/// Runs the `dmem` CLI with `args`; returns (exit status, stdout, stderr).
+pub fn run_dmem<S: AsRef<OsStr>>(args: &[S]) -> (ExitStatus, String, String) {
+    run_cmd(Command::new(bin_path("dmem")).args(args))
+}
+
+/// Runs a command to completion with a hang guard.
+pub fn run_cmd(cmd: &mut Command) -> (ExitStatus, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = t_out.join().expect("stdout reader");
+    let stderr = t_err.join().expect("stderr reader");
+    (status, stdout, stderr)
+}
+
+/// Whether the current process runs as root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Prints a skip notice on stderr. (`.config/nextest.toml` shows the output
+/// of tests that may skip even when they pass, so the notice is seen.)
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED: {test}: {reason}");
+}
