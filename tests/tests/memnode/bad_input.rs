@@ -899,6 +899,9 @@ fn fuzz_config(cases: u32) -> ProptestConfig {
     ProptestConfig {
         cases,
         failure_persistence: None,
+        // Against a broken daemon every failing case may wait out a hang
+        // guard: bound the shrinking.
+        max_shrink_time: 30_000,
         ..ProptestConfig::default()
     }
 }
