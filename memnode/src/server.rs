@@ -1,11 +1,13 @@
 //! The memory node's network side: accept loop, per-connection handshake and
 //! request handling, lease reaping.
 //!
-//! One thread per connection with blocking I/O: a memory node serves a few
-//! pagers with deep pipelines, not thousands of clients, and this measured
-//! faster than io_uring here (see docs/architecture.md). Replies to
-//! pipelined requests are batched: the reply buffer is flushed only when no
-//! further request is already buffered, so a burst costs one `write(2)`.
+//! One thread per connection: a memory node serves a few pagers with deep
+//! pipelines, not thousands of clients. By default the thread uses blocking
+//! I/O ([`Conn::run`]); `--io uring` drives the socket through an io_uring
+//! instead (`uring.rs`), with the same request handling ([`Conn::handle`]).
+//! docs/architecture.md has the measurements of both. Replies to pipelined
+//! requests are batched: the reply buffer is flushed only when no further
+//! request is already buffered, so a burst costs one `write(2)`.
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};

@@ -111,14 +111,20 @@ impl Loop<'_> {
         let (mut closing, mut eof) = (false, false);
         loop {
             let mut want_recv = false;
+            let mut truncated = false;
             if !self.recv_inflight && !closing {
                 match self.handle_frames(conn) {
-                    Step::NeedData => want_recv = !eof,
+                    Step::NeedData => {
+                        want_recv = !eof;
+                        // At EOF, bytes left after the complete frames are a
+                        // frame that will never finish.
+                        truncated = eof && self.start != self.end;
+                    }
                     Step::Flush => {}
                     Step::Close => closing = true,
                 }
             }
-            if eof && !closing && self.start != self.end && !self.recv_inflight {
+            if truncated {
                 // The peer hung up mid-frame: answer what was complete, then
                 // report the truncation like the blocking path does.
                 self.flush_all(conn)?;
