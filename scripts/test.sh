@@ -14,4 +14,10 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 echo "== tests"
 # Unit tests and the end-to-end suite (real daemons on real sockets). Tests
 # that need what this machine lacks print a SKIPPED line with the reason.
-cargo nextest run --release --workspace --no-fail-fast --success-output never --failure-output final "$@"
+# Output of passing tests is shown only where .config/nextest.toml asks for
+# it (tests that can skip), so a SKIPPED line is always visible.
+cargo nextest run --release --workspace --no-fail-fast --failure-output final "$@"
+
+echo "== end-to-end suite again against the memory node's io_uring data path"
+DMEM_TESTS_MEMNODE_ARGS="--io uring" \
+  cargo nextest run --release -p dmem-tests --no-fail-fast --failure-output final "$@"

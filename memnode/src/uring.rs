@@ -160,12 +160,13 @@ impl Loop<'_> {
                 let d = last_send + timeout;
                 deadline = Some(deadline.map_or(d, |x: Instant| x.min(d)));
             }
-            // Waiting for everything in flight makes a round trip one
-            // system call, but is only safe when the send's completion
-            // leaves nothing to do: with replies still queued behind it, the
-            // peer may be waiting for them before it sends anything more.
-            let more_to_send = !conn.out.is_empty() || self.sent + self.chunk < self.sending.len();
-            let all = !(self.send_inflight && more_to_send);
+            // Never wait for everything while a send is in flight: a send
+            // may complete short (seen over a veth with MTU 1500), and the
+            // peer sends nothing more until it has the rest of its reply, so
+            // waiting for the receive too would stall until the timeout.
+            // With no send in flight, waiting for all is waiting for the
+            // receive alone.
+            let all = !self.send_inflight;
             self.wait(all, deadline.map(|d| d.saturating_duration_since(now)))?;
             for (tag, res) in self.completions() {
                 match tag {

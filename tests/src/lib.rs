@@ -173,6 +173,15 @@ impl Memnode {
     /// Like [`Memnode::start`], but runs the binary under `wrapper` (for
     /// example `ip netns exec NS`).
     pub fn start_wrapped<W: AsRef<OsStr>, S: AsRef<OsStr>>(wrapper: &[W], args: &[S]) -> Memnode {
+        Memnode::try_start_wrapped(wrapper, args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Memnode::start_wrapped`], but a daemon that refuses to start
+    /// is an `Err` carrying its log, not a panic.
+    pub fn try_start_wrapped<W: AsRef<OsStr>, S: AsRef<OsStr>>(
+        wrapper: &[W],
+        args: &[S],
+    ) -> Result<Memnode, String> {
         let args: Vec<&OsStr> = args.iter().map(AsRef::as_ref).collect();
         let mut full: Vec<&OsStr> = Vec::new();
         if !args.contains(&OsStr::new("--listen")) {
@@ -181,11 +190,20 @@ impl Memnode {
         if !args.contains(&OsStr::new("--capacity")) {
             full.extend([OsStr::new("--capacity"), OsStr::new("64M")]);
         }
-        full.extend(args);
+        full.extend(&args);
         // Lets the whole suite run against another configuration, e.g.
-        // DMEM_TESTS_MEMNODE_ARGS="--io uring".
+        // DMEM_TESTS_MEMNODE_ARGS="--io uring". A test that picks its own
+        // I/O mode (the netns test covers both) keeps it.
         let extra = std::env::var("DMEM_TESTS_MEMNODE_ARGS").unwrap_or_default();
-        full.extend(extra.split_whitespace().map(OsStr::new));
+        let own_io = args.contains(&OsStr::new("--io"));
+        let mut extra = extra.split_whitespace().map(OsStr::new);
+        while let Some(a) = extra.next() {
+            if own_io && a == "--io" {
+                extra.next(); // drop its value too
+                continue;
+            }
+            full.push(a);
+        }
         let bin = bin_path("dmem-memnode");
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
@@ -199,7 +217,7 @@ impl Memnode {
         Memnode::spawn(cmd)
     }
 
-    fn spawn(mut cmd: Command) -> Memnode {
+    fn spawn(mut cmd: Command) -> Result<Memnode, String> {
         let dir = TempDir::new("memnode");
         let log = dir.path().join("memnode.log");
         let log_file = std::fs::File::create(&log).expect("create memnode log");
@@ -227,10 +245,10 @@ impl Memnode {
                     Ok(_) => "it exited without printing its address".to_string(),
                     Err(_) => format!("it printed nothing within {HANG_GUARD:?}"),
                 };
-                panic!(
+                return Err(format!(
                     "dmem-memnode did not start ({why}): {cmd:?}\n--- log ---\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
-                );
+                ));
             }
         };
         let addr = line
@@ -238,13 +256,13 @@ impl Memnode {
             .strip_prefix("dmem-memnode listening on ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line from dmem-memnode: {line:?}"));
-        Memnode {
+        Ok(Memnode {
             child,
             addr,
             _stdout: stdout,
             log,
             _dir: dir,
-        }
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
