@@ -291,9 +291,18 @@ impl Conn<'_> {
             let Some(header) = self.header(&raw) else {
                 return self.flush();
             };
-            payload.resize(header.len as usize, 0);
-            reader.read_exact(&mut payload)?;
-            let next = self.handle(header, &payload);
+            let len = header.len as usize;
+            let next = if reader.buffer().len() >= len {
+                // The whole payload is already buffered (the usual case):
+                // handle it in place, without copying WRITE data out.
+                let next = self.handle(header, &reader.buffer()[..len]);
+                reader.consume(len);
+                next
+            } else {
+                payload.resize(len, 0);
+                reader.read_exact(&mut payload)?;
+                self.handle(header, &payload)
+            };
             if matches!(next, Next::Close) {
                 return self.flush();
             }
@@ -489,12 +498,11 @@ impl Conn<'_> {
                 })
             }
             Request::Read { extents } => {
-                // Fill the reply in place: no intermediate copy of the data.
+                // Append the data to the reply buffer straight from the
+                // slabs: one copy, no zero-filled staging.
                 let total: usize = extents.iter().map(|e| e.len as usize).sum();
                 let at = begin_frame(&mut self.out, Op::Read as u8 | REPLY_BIT, req_id);
-                let start = self.out.len();
-                self.out.resize(start + total, 0);
-                match store.read(session, self.id, &extents, &mut self.out[start..]) {
+                match store.read(session, self.id, &extents, &mut self.out) {
                     Ok(()) => {
                         end_frame(&mut self.out, at);
                         self.state

@@ -293,23 +293,20 @@ impl Store {
         })
     }
 
-    /// Reads every extent into `out` (concatenated). All extents are checked
+    /// Appends every extent to `out` (concatenated). All extents are checked
     /// before any byte moves, so a refused batch has no partial effect.
     pub fn read(
         &self,
         s: &Session,
         conn: u64,
         extents: &[Extent],
-        out: &mut [u8],
+        out: &mut Vec<u8>,
     ) -> Result<(), StoreError> {
         self.with(s, conn, |inner| {
             check_extents(inner, extents)?;
-            let mut pos = 0;
             for e in extents {
-                let n = e.len as usize;
-                let ok = inner.slabs[&e.slab].read_at(e.offset, &mut out[pos..pos + n]);
-                debug_assert!(ok, "extent was checked");
-                pos += n;
+                let bytes = inner.slabs[&e.slab].bytes(e.offset, e.len as usize);
+                out.extend_from_slice(bytes.expect("extent was checked"));
             }
             Ok(())
         })

@@ -62,18 +62,17 @@ impl SlabMem {
         (off.checked_add(n)? <= self.len).then_some(off)
     }
 
-    /// Copies `out.len()` bytes from `offset`; `false` when out of bounds.
-    pub fn read_at(&self, offset: u64, out: &mut [u8]) -> bool {
-        let Some(off) = self.check(offset, out.len()) else {
-            return false;
-        };
-        // SAFETY: off + out.len() <= self.len (checked above), so the pointer
-        // stays inside the mapping.
-        let src = unsafe { self.ptr.as_ptr().add(off) };
-        // SAFETY: [off, off+len) lies inside the mapping (checked above), and
-        // `out` is a distinct Rust buffer, so the ranges cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
-        true
+    /// The `len` bytes at `offset`, or `None` when out of bounds. Callers
+    /// copy straight from this view (no zero-filled staging buffer).
+    pub fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let off = self.check(offset, len)?;
+        // SAFETY: off + len <= self.len (checked above), so the pointer stays
+        // inside the mapping.
+        let start = unsafe { self.ptr.as_ptr().add(off) };
+        // SAFETY: [off, off+len) lies inside the mapping, which is readable
+        // and lives as long as `self`; mutation needs `&mut self`, so nothing
+        // writes it while this shared view exists.
+        Some(unsafe { std::slice::from_raw_parts(start, len) })
     }
 
     /// Copies `data` to `offset`; `false` when out of bounds.
@@ -118,12 +117,13 @@ mod tests {
         assert!(m.write_at(12_288 - 4, b"abcd"));
         assert!(!m.write_at(12_288 - 3, b"abcd"));
         assert!(!m.write_at(u64::MAX, b"a"));
-        let mut out = [0u8; 4];
-        assert!(m.read_at(12_288 - 4, &mut out));
-        assert_eq!(&out, b"abcd");
-        assert!(!m.read_at(12_288, &mut out));
-        let mut fresh = [1u8; 8];
-        assert!(m.read_at(0, &mut fresh));
-        assert_eq!(fresh, [0u8; 8], "unwritten memory reads as zeros");
+        assert_eq!(m.bytes(12_288 - 4, 4), Some(&b"abcd"[..]));
+        assert_eq!(m.bytes(12_288, 4), None);
+        assert_eq!(m.bytes(u64::MAX, 1), None);
+        assert_eq!(
+            m.bytes(0, 8),
+            Some(&[0u8; 8][..]),
+            "unwritten memory reads as zeros"
+        );
     }
 }
