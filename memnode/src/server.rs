@@ -285,9 +285,11 @@ impl Conn<'_> {
                     Err(e) => return Err(e),
                 }
             }
-            // Mid-frame, a timeout means a stalled peer: drop it.
+            // Mid-frame, a timeout means a stalled peer: drop it. Before
+            // the handshake is done, reads are bounded by its deadline.
+            let deadline = (!self.ready()).then_some(accepted + timeout);
             let mut raw = [0u8; HEADER_LEN];
-            reader.read_exact(&mut raw)?;
+            self.read_exact_by(&mut reader, &mut raw, deadline)?;
             let Some(header) = self.header(&raw) else {
                 return self.flush();
             };
@@ -300,9 +302,13 @@ impl Conn<'_> {
                 next
             } else {
                 payload.resize(len, 0);
-                reader.read_exact(&mut payload)?;
+                self.read_exact_by(&mut reader, &mut payload, deadline)?;
                 self.handle(header, &payload)
             };
+            if deadline.is_some() && self.ready() {
+                // Handshake done: back to the per-read stall timeout.
+                self.stream.set_read_timeout(Some(timeout))?;
+            }
             if matches!(next, Next::Close) {
                 return self.flush();
             }
@@ -310,6 +316,40 @@ impl Conn<'_> {
                 self.flush()?;
             }
         }
+    }
+
+    /// Fills `buf`. With a deadline (during the handshake) every read is
+    /// bounded by the time left, so a peer dripping bytes cannot stretch
+    /// the handshake past it; without one, the socket's stall timeout holds.
+    fn read_exact_by(
+        &self,
+        reader: &mut BufReader<TcpStream>,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> io::Result<()> {
+        let Some(deadline) = deadline else {
+            return reader.read_exact(buf);
+        };
+        let mut pos = 0;
+        while pos < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    ErrorKind::TimedOut,
+                    "handshake not completed in time",
+                ));
+            }
+            // A zero socket timeout means "none": never pass one.
+            self.stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            match reader.read(&mut buf[pos..]) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => pos += n,
+                Err(e) if is_timeout(&e) || e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Whether the handshake is done (idle connections are then fine).

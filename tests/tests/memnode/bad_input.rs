@@ -228,6 +228,32 @@ fn stalled_peers_are_dropped_after_io_timeout() {
     f.still_serves();
 }
 
+/// A peer that drips its HELLO a byte at a time, each byte well within the
+/// I/O timeout, must still be dropped when the handshake deadline passes,
+/// not answered once the frame is finally complete.
+#[test]
+fn dripped_handshake_is_dropped_at_the_deadline() {
+    let mut f = Fixture::new(&["--io-timeout", "0.5"]);
+    let mut c = f.raw();
+    let hello = encode(
+        1,
+        &Request::Hello {
+            min_version: 1,
+            max_version: 1,
+            client_nonce: [5u8; 32],
+        },
+    );
+    // 36 payload bytes, one every 60 ms: about 2.2 s in all, four times the
+    // handshake deadline, while no single gap comes near the timeout.
+    c.send(&hello[..HEADER_LEN]);
+    for b in &hello[HEADER_LEN..] {
+        std::thread::sleep(Duration::from_millis(60));
+        c.send_lossy(std::slice::from_ref(b));
+    }
+    c.expect_closed();
+    f.still_serves();
+}
+
 #[test]
 fn unknown_opcodes_get_unknown_op_and_close() {
     let mut f = Fixture::new(&[]);
