@@ -535,8 +535,7 @@ impl Pending {
                 })
             }
         }
-        let mut payload = raw.payload;
-        Ok(std::mem::take(&mut payload))
+        Ok(raw.payload)
     }
 
     fn wait_raw(&mut self) -> Result<RawReply, ClientError> {

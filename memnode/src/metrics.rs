@@ -40,14 +40,6 @@ impl Metrics {
         self.errors[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn errors(&self, code: ErrorCode) -> u64 {
-        let i = ErrorCode::ALL
-            .iter()
-            .position(|c| *c == code)
-            .expect("every code is listed");
-        self.errors[i].load(Ordering::Relaxed)
-    }
-
     /// Renders the Prometheus text exposition format.
     pub fn render(&self, f: &StoreFigures) -> String {
         let mut s = String::new();

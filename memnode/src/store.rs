@@ -184,18 +184,13 @@ impl Store {
         let expired: Vec<u64> = self
             .sessions
             .iter()
-            .filter(|e| {
-                let inner = lock(&e.value().inner);
-                matches!(inner.detached_at, Some(t) if now.duration_since(t) >= self.grace)
-            })
+            .filter(|e| self.expired(e.value(), now))
             .map(|e| *e.key())
             .collect();
         let mut reaped = Vec::new();
         for id in expired {
             // Re-check under the lock: the session may have resumed meanwhile.
-            if let Some((_, s)) = self.sessions.remove_if(&id, |_, s| {
-                matches!(lock(&s.inner).detached_at, Some(t) if now.duration_since(t) >= self.grace)
-            }) {
+            if let Some((_, s)) = self.sessions.remove_if(&id, |_, s| self.expired(s, now)) {
                 let mut inner = lock(&s.inner);
                 inner.closed = true;
                 self.release(&mut inner);
@@ -203,6 +198,11 @@ impl Store {
             }
         }
         reaped
+    }
+
+    /// Whether `s` has been detached for longer than the grace period.
+    fn expired(&self, s: &Session, now: Instant) -> bool {
+        matches!(lock(&s.inner).detached_at, Some(t) if now.duration_since(t) >= self.grace)
     }
 
     fn release(&self, inner: &mut SessionInner) {
