@@ -1,3 +1,34 @@
 //! dmem pager and the `dmem` command-line tool.
+//!
+//! The pager serves userfaultfd faults of registered apps from a local cache
+//! tier backed by memory nodes. Module map: `daemon` (unix socket,
+//! registration), `session` (one app: page table, uffd reader), `fetch`
+//! (remote faults and prefetch on the worker pool), `evict` (keeping an app
+//! under its limit), `remote` (transport trait, TCP transport, slot
+//! placement), `cache` (cache tier frames), `pages` (dense page state),
+//! `prefetch` (stream detection), `stats`, `wire` (app <-> pager messages),
+//! `app` (the app side, used by libdmem.so and tests), `sys` (OS calls).
 
+pub mod app;
+pub mod cache;
+pub mod daemon;
+pub mod evict;
+pub mod fetch;
+pub mod pager;
+pub mod pages;
 pub mod ping;
+pub mod prefetch;
+pub mod remote;
+pub mod report;
+pub mod session;
+pub mod stats;
+pub mod sys;
+pub mod wire;
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks a mutex, recovering from poisoning: state is kept consistent
+/// before any step that could panic.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

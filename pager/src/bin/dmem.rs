@@ -33,6 +33,15 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         rounds: usize,
     },
+    /// Live figures of the pager, per app and in total.
+    Stats {
+        /// Pager socket (default: $DMEM_SOCKET, /run/dmem/pager.sock for root).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,5 +68,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Stats { socket, json } => {
+            let socket = socket.unwrap_or_else(dmem_pager::daemon::default_socket);
+            match dmem_pager::report::fetch_stats(&socket) {
+                Ok(v) if json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(v) => {
+                    print!("{}", dmem_pager::report::human(&v));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dmem stats: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

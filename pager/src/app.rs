@@ -1,0 +1,266 @@
+//! The app side of a pager session: what libdmem.so does at load, and what
+//! the test harness does to stand in for it. Reserves the managed arena,
+//! opens a userfaultfd and registers the arena (missing + write-protect
+//! faults), hands the uffd to the pager with the arena layout, keeps its own
+//! copy of the uffd open (if the last copy closed, the kernel would
+//! unregister the arena and evicted pages would read as zeros), and runs the
+//! agent thread that carries out evictions.
+//!
+//! The agent copies victims with `process_vm_readv` on its own process, so
+//! a victim the app unmapped meanwhile yields EFAULT instead of a crash, and
+//! drops them with `MADV_DONTNEED`. It never touches managed memory
+//! otherwise. When the pager reports that data is lost, or the pager dies,
+//! the agent stops the program with a message: silent zeros are never an
+//! option.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use nix::errno::Errno;
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use thiserror::Error;
+use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+
+use crate::sys::{self, Mapping, PAGE};
+use crate::wire::{self, EvictStatus, Msg, Register, Welcome, MAX_MSG, NO_COPY};
+
+#[derive(Debug, Error)]
+pub enum AppError {
+    #[error("cannot reserve a {0}-byte arena: {1}")]
+    Arena(usize, Errno),
+    #[error("cannot set up userfaultfd: {0} (root, or access to /dev/userfaultfd, is needed)")]
+    Uffd(userfaultfd::Error),
+    #[error("cannot reach the pager at {path}: {source}")]
+    Connect { path: PathBuf, source: Errno },
+    #[error("talking to the pager: {0}")]
+    Io(Errno),
+    #[error("the pager refused the session: {0}")]
+    Refused(String),
+    #[error("the pager sent an unexpected reply: {0}")]
+    Protocol(String),
+}
+
+/// Where and how to attach.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub socket: PathBuf,
+    /// Bytes of managed address space to reserve.
+    pub arena_len: usize,
+    /// Requested local limit in bytes (0 = the pager's default).
+    pub local_limit: u64,
+}
+
+/// A live session: the arena stays registered for the life of the process.
+pub struct AppSession {
+    base: u64,
+    len: usize,
+    welcome: Welcome,
+    _uffd: Uffd,
+    _agent: JoinHandle<()>,
+}
+
+/// Opens a SOCK_SEQPACKET connection to the pager socket.
+pub fn connect_pager(path: &Path) -> Result<OwnedFd, AppError> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(AppError::Io)?;
+    let addr = UnixAddr::new(path).map_err(AppError::Io)?;
+    connect(fd.as_raw_fd(), &addr).map_err(|source| AppError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(fd)
+}
+
+/// Receives and decodes one message (`None` when the peer closed).
+pub fn recv_msg(sock: &OwnedFd, buf: &mut [u8]) -> Result<(Option<Msg>, Vec<OwnedFd>), AppError> {
+    let (n, fds) = sys::recv_with_fds(sock.as_raw_fd(), buf).map_err(AppError::Io)?;
+    if n == 0 {
+        return Ok((None, fds));
+    }
+    let m = wire::decode(&buf[..n]).map_err(|e| AppError::Protocol(e.to_string()))?;
+    Ok((Some(m), fds))
+}
+
+impl AppSession {
+    /// Reserves the arena, registers it and hands it to the pager.
+    pub fn attach(cfg: &AppConfig) -> Result<AppSession, AppError> {
+        let len = cfg.arena_len.div_ceil(PAGE) * PAGE;
+        let arena = Mapping::anonymous(len).map_err(|e| AppError::Arena(len, e))?;
+        let _ = sys::no_huge_pages(arena.addr(), len);
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(
+                FeatureFlags::EVENT_REMOVE
+                    | FeatureFlags::EVENT_UNMAP
+                    | FeatureFlags::EVENT_REMAP
+                    | FeatureFlags::THREAD_ID
+                    | FeatureFlags::PAGEFAULT_FLAG_WP,
+            )
+            .create()
+            .map_err(AppError::Uffd)?;
+        uffd.register_with_mode(
+            arena.as_ptr().cast(),
+            len,
+            RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
+        )
+        .map_err(AppError::Uffd)?;
+        let sock = connect_pager(&cfg.socket)?;
+
+        // The agent announces its own tid, so it starts first and waits for
+        // the welcome on a channel.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let base = arena.addr();
+        let reg_uffd = uffd.as_raw_fd();
+        let limit = cfg.local_limit;
+        let agent = std::thread::Builder::new()
+            .name("dmem-agent".into())
+            .spawn(move || {
+                let r = handshake(&sock, reg_uffd, base, len, limit);
+                match r {
+                    Ok((welcome, staging)) => {
+                        let _ = tx.send(Ok(welcome));
+                        agent_loop(&sock, &staging);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| AppError::Io(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        let welcome = rx
+            .recv()
+            .map_err(|_| AppError::Protocol("agent exited during handshake".into()))??;
+        let (base, len) = arena.leak();
+        Ok(AppSession {
+            base,
+            len,
+            welcome,
+            _uffd: uffd,
+            _agent: agent,
+        })
+    }
+
+    pub fn arena_ptr(&self) -> *mut u8 {
+        self.base as *mut u8
+    }
+
+    pub fn arena_len(&self) -> usize {
+        self.len
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.welcome.session
+    }
+
+    /// The local limit the pager applies to this process.
+    pub fn local_limit(&self) -> u64 {
+        self.welcome.local_limit
+    }
+
+    /// Transfer unit of the pager.
+    pub fn block(&self) -> u32 {
+        self.welcome.block
+    }
+}
+
+fn handshake(
+    sock: &OwnedFd,
+    uffd: i32,
+    base: u64,
+    len: usize,
+    local_limit: u64,
+) -> Result<(Welcome, Mapping), AppError> {
+    let reg = Msg::Register(Register {
+        pid: std::process::id(),
+        agent_tid: sys::gettid() as u32,
+        arena_base: base,
+        arena_len: len as u64,
+        local_limit,
+    });
+    sys::send_with_fds(sock.as_raw_fd(), &wire::encode(&reg), &[uffd]).map_err(AppError::Io)?;
+    let mut buf = vec![0u8; MAX_MSG];
+    match recv_msg(sock, &mut buf)? {
+        (Some(Msg::Welcome(w)), fds) if fds.len() == 1 => {
+            let staging =
+                Mapping::shared(fds[0].as_fd(), w.staging_len as usize).map_err(AppError::Io)?;
+            Ok((w, staging))
+        }
+        (Some(Msg::Refused(why)), _) => Err(AppError::Refused(why)),
+        (None, _) => Err(AppError::Protocol("pager closed the connection".into())),
+        (Some(other), _) => Err(AppError::Protocol(format!("{other:?}"))),
+    }
+}
+
+/// Stops the program: the pager cannot serve its memory any more.
+fn die(msg: &str) -> ! {
+    eprintln!("dmem: {msg}");
+    std::process::abort();
+}
+
+fn agent_loop(sock: &OwnedFd, staging: &Mapping) {
+    let mut buf = vec![0u8; MAX_MSG];
+    let mut page = vec![0u8; PAGE];
+    loop {
+        let msg = match recv_msg(sock, &mut buf) {
+            Ok((Some(m), _)) => m,
+            Ok((None, _)) => die(
+                "the pager closed its connection (pager died?); stopping this program, \
+                 whose evicted memory can no longer be served",
+            ),
+            Err(AppError::Io(Errno::EINTR)) => continue,
+            Err(e) => die(&format!("lost the pager ({e}); stopping this program")),
+        };
+        match msg {
+            Msg::Evict { batch, entries } => {
+                let mut status = Vec::with_capacity(entries.len());
+                for e in &entries {
+                    let mut st = EvictStatus::Done;
+                    if e.slot != NO_COPY {
+                        match sys::read_own_memory(e.addr, &mut page) {
+                            Ok(()) => sys::mapping_write(staging, e.slot as usize * PAGE, &page),
+                            Err(_) => st = EvictStatus::Unmapped,
+                        }
+                    }
+                    status.push(st);
+                }
+                drop_pages(&entries, &mut status);
+                let reply = wire::encode(&Msg::Evicted { batch, status });
+                if let Err(e) = sys::send_with_fds(sock.as_raw_fd(), &reply, &[]) {
+                    die(&format!(
+                        "cannot answer the pager ({e}); stopping this program"
+                    ));
+                }
+            }
+            Msg::Fatal(why) => die(&why),
+            other => die(&format!("unexpected message from the pager: {other:?}")),
+        }
+    }
+}
+
+/// `MADV_DONTNEED` over runs of contiguous victims; a run that fails (the
+/// app unmapped part of it) is retried page by page.
+fn drop_pages(entries: &[wire::EvictEntry], status: &mut [EvictStatus]) {
+    let mut i = 0;
+    while i < entries.len() {
+        let mut j = i + 1;
+        while j < entries.len() && entries[j].addr == entries[j - 1].addr + PAGE as u64 {
+            j += 1;
+        }
+        if sys::dontneed(entries[i].addr, (j - i) * PAGE).is_err() {
+            for k in i..j {
+                if sys::dontneed(entries[k].addr, PAGE).is_err() {
+                    status[k] = EvictStatus::Unmapped;
+                }
+            }
+        }
+        i = j;
+    }
+}

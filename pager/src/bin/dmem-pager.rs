@@ -1,0 +1,143 @@
+//! `dmem-pager`: serves page faults of registered apps from a local cache
+//! tier backed by memory nodes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use dmem_memnode::auth::load_token;
+use dmem_memnode::metrics::serve_http;
+use dmem_memnode::size::{format_size, parse_size};
+use dmem_pager::daemon::{bind_socket, default_socket, serve};
+use dmem_pager::pager::{Pager, PagerConfig};
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dmem-pager",
+    version,
+    about = "Serve userfaultfd page faults from a local cache tier backed by memory nodes"
+)]
+struct Args {
+    /// Unix socket apps register on (default: $DMEM_SOCKET, /run/dmem/pager.sock for root).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Memory node HOST:PORT (repeat for several).
+    #[arg(long)]
+    memnode: Vec<String>,
+    /// Default local memory limit per app (resident + its cache share), e.g. 2G.
+    #[arg(long, value_parser = parse_size)]
+    local_limit: u64,
+    /// Size of the local cache tier shared by all apps.
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    cache: u64,
+    /// Transfer unit for remote fetches: 4K to 2M, a power of two.
+    #[arg(long, value_parser = parse_size, default_value = "4K")]
+    block: u64,
+    /// Slab size leased from memory nodes.
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    slab: u64,
+    /// File holding the memory nodes' shared token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on HOST:PORT.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Fetch worker threads.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Largest prefetch window (0 disables prefetch).
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    prefetch_max: u64,
+    /// Seconds a fetch may wait for an unreachable memory node before the
+    /// app is stopped.
+    #[arg(long, default_value_t = 30)]
+    fetch_timeout: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dmem-pager: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals
+        .thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+    if args.local_limit < (1 << 20) {
+        return Err("--local-limit must be at least 1M".into());
+    }
+    if args.fetch_timeout == 0 {
+        return Err("--fetch-timeout must be greater than zero".into());
+    }
+    let token = match &args.token_file {
+        Some(p) => Some(load_token(p).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    if args.memnode.is_empty() {
+        warn!("no --memnode given: pages beyond the local limit have nowhere to go");
+    }
+    let cfg = PagerConfig {
+        memnodes: args.memnode.clone(),
+        token,
+        local_limit: args.local_limit,
+        cache: args.cache,
+        block: args.block as usize,
+        slab: args.slab,
+        workers: args.workers,
+        prefetch_max: args.prefetch_max as usize / 4096,
+        fetch_timeout: Duration::from_secs(args.fetch_timeout),
+        ..PagerConfig::default()
+    };
+    let pager = Pager::new(cfg).map_err(|e| e.to_string())?;
+    let path = args.socket.unwrap_or_else(default_socket);
+    let listener = bind_socket(&path).map_err(|e| e.to_string())?;
+    if let Some(maddr) = args.metrics {
+        let p = Arc::clone(&pager);
+        let bound = serve_http(maddr, Arc::new(move || p.metrics_text()))
+            .map_err(|e| format!("cannot serve metrics on {maddr}: {e}"))?;
+        info!("metrics on http://{bound}/metrics");
+    }
+    info!(
+        "local limit {} per app, cache {}, block {}, {} memory node(s)",
+        format_size(args.local_limit),
+        format_size(args.cache),
+        format_size(args.block),
+        args.memnode.len()
+    );
+    // Tests and scripts wait for this line.
+    println!("dmem-pager listening on {}", path.display());
+    let cleanup = path.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            match signals.wait() {
+                Ok(sig) => info!("{} received: shutting down", sig.as_str()),
+                Err(e) => warn!("waiting for signals failed ({e}): shutting down"),
+            }
+            let _ = std::fs::remove_file(&cleanup);
+            // Apps attached now lose their pager: their agents stop them.
+            std::process::exit(0);
+        })
+        .map_err(|e| e.to_string())?;
+    serve(pager, listener, path.display().to_string());
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! The pager's unix socket: apps register on it (uffd by SCM_RIGHTS, pid
+//! checked against SO_PEERCRED), `dmem stats` asks it for figures. Every
+//! malformed or refused first message gets a `Refused` answer saying why,
+//! and the connection is closed; the pager keeps serving everyone else.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    accept4, bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    UnixAddr,
+};
+use nix::sys::time::TimeVal;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::app::{connect_pager, recv_msg};
+use crate::pager::Pager;
+use crate::prefetch::Prefetcher;
+use crate::session::Session;
+use crate::sys::{self, Mapping, PAGE};
+use crate::wire::{self, Msg, Register, Welcome, MAX_BATCH, MAX_MSG};
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("another pager is already listening on {0}")]
+    InUse(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Bind { path: PathBuf, source: Errno },
+}
+
+/// Largest arena an app may register (64 TiB).
+const MAX_ARENA: u64 = 1 << 46;
+/// Smallest local limit: a few eviction batches.
+const MIN_LIMIT: u64 = 1 << 20;
+
+/// The default socket: `$DMEM_SOCKET`, else `/run/dmem/pager.sock` for
+/// root, else `$XDG_RUNTIME_DIR/dmem/pager.sock` or `/tmp/dmem-UID/pager.sock`.
+pub fn default_socket() -> PathBuf {
+    if let Some(p) = std::env::var_os("DMEM_SOCKET") {
+        return PathBuf::from(p);
+    }
+    let uid = nix::unistd::getuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/dmem/pager.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("dmem/pager.sock"),
+        None => PathBuf::from(format!("/tmp/dmem-{uid}/pager.sock")),
+    }
+}
+
+/// Binds the socket (mode 0600 in a 0700 directory when we create it).
+pub fn bind_socket(path: &Path) -> Result<OwnedFd, DaemonError> {
+    let err = |source| DaemonError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| err(errno_of(&e)))?;
+            let _ =
+                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+        }
+    }
+    if path.exists() {
+        if connect_pager(path).is_ok() {
+            return Err(DaemonError::InUse(path.to_owned()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(err)?;
+    let addr = UnixAddr::new(path).map_err(err)?;
+    bind(fd.as_raw_fd(), &addr).map_err(err)?;
+    let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+    listen(&fd, Backlog::new(128).expect("valid backlog")).map_err(err)?;
+    Ok(fd)
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Accepts connections forever.
+pub fn serve(pager: Arc<Pager>, listener: OwnedFd, socket_path: String) {
+    loop {
+        let fd = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            Ok(fd) => fd,
+            Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
+            Err(e) => {
+                warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        // SAFETY: accept4 returned a fresh descriptor that nothing else owns.
+        let conn = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let p = Arc::clone(&pager);
+        let path = socket_path.clone();
+        let _ = std::thread::Builder::new()
+            .name("dmem-conn".into())
+            .spawn(move || handle(p, conn, &path));
+    }
+}
+
+fn refuse(conn: &OwnedFd, why: &str) {
+    warn!("refusing a client: {why}");
+    let _ = sys::send_with_fds(
+        conn.as_raw_fd(),
+        &wire::encode(&Msg::Refused(why.into())),
+        &[],
+    );
+}
+
+fn handle(pager: Arc<Pager>, conn: OwnedFd, socket_path: &str) {
+    // A client that connects and says nothing is dropped.
+    let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &TimeVal::new(5, 0));
+    let (peer_pid, peer_uid) = match sys::peer_cred(conn.as_fd()) {
+        Ok(c) => c,
+        Err(e) => return refuse(&conn, &format!("cannot read peer credentials: {e}")),
+    };
+    let me = nix::unistd::getuid().as_raw();
+    if peer_uid != me && peer_uid != 0 {
+        return refuse(
+            &conn,
+            &format!("uid {peer_uid} may not use a pager of uid {me}"),
+        );
+    }
+    let mut buf = vec![0u8; MAX_MSG];
+    let (msg, fds) = match recv_msg(&conn, &mut buf) {
+        Ok((Some(m), fds)) => (m, fds),
+        Ok((None, _)) => return,
+        Err(e) => return refuse(&conn, &format!("bad first message: {e}")),
+    };
+    match msg {
+        Msg::StatsRequest => {
+            let text = serde_json::to_string(&pager.stats_json(socket_path)).unwrap_or_default();
+            let _ = sys::send_with_fds(conn.as_raw_fd(), &wire::encode(&Msg::Stats(text)), &[]);
+        }
+        Msg::Register(r) => match check(&r, &fds, peer_pid) {
+            Ok(()) => {
+                let uffd = fds.into_iter().next().expect("checked: one descriptor");
+                let _ = setsockopt(&conn, sockopt::ReceiveTimeout, &TimeVal::new(0, 0));
+                register(&pager, r, uffd, conn);
+            }
+            Err(why) => refuse(&conn, &why),
+        },
+        other => refuse(&conn, &format!("unexpected first message {other:?}")),
+    }
+}
+
+/// Validates a registration; says exactly what is wrong.
+fn check(r: &Register, fds: &[OwnedFd], peer_pid: i32) -> Result<(), String> {
+    if fds.len() != 1 {
+        return Err(format!(
+            "registration must carry exactly one descriptor (the userfaultfd), got {}",
+            fds.len()
+        ));
+    }
+    if !sys::is_userfaultfd(fds[0].as_fd()) {
+        return Err("the descriptor sent is not a userfaultfd".into());
+    }
+    if r.pid as i32 != peer_pid {
+        return Err(format!(
+            "pid {} claimed, but the socket belongs to pid {peer_pid}",
+            r.pid
+        ));
+    }
+    if !r.arena_base.is_multiple_of(PAGE as u64) || !r.arena_len.is_multiple_of(PAGE as u64) {
+        return Err("arena base and length must be page-aligned".into());
+    }
+    if r.arena_len == 0 || r.arena_len > MAX_ARENA {
+        return Err(format!("arena length {} out of range", r.arena_len));
+    }
+    if r.arena_base.checked_add(r.arena_len).is_none() {
+        return Err("arena wraps around the address space".into());
+    }
+    if r.local_limit != 0 && r.local_limit < MIN_LIMIT {
+        return Err(format!(
+            "local limit {} is below the minimum of 1 MiB",
+            r.local_limit
+        ));
+    }
+    Ok(())
+}
+
+fn register(pager: &Arc<Pager>, r: Register, uffd: OwnedFd, conn: OwnedFd) {
+    let limit = if r.local_limit == 0 {
+        pager.cfg.local_limit
+    } else {
+        r.local_limit
+    };
+    let staging_len = MAX_BATCH * PAGE;
+    let staging = sys::memfd("dmem-staging", staging_len)
+        .and_then(|fd| Ok((Mapping::shared(fd.as_fd(), staging_len)?, fd)));
+    let (staging, staging_fd) = match staging {
+        Ok(x) => x,
+        Err(e) => return refuse(&conn, &format!("pager cannot create staging memory: {e}")),
+    };
+    let id = pager.next_session_id();
+    let limit_pages = (limit as usize / PAGE).max(64);
+    let welcome = Msg::Welcome(Welcome {
+        session: id,
+        staging_len: staging_len as u64,
+        local_limit: (limit_pages * PAGE) as u64,
+        block: pager.cfg.block as u32,
+    });
+    if let Err(e) = sys::send_with_fds(
+        conn.as_raw_fd(),
+        &wire::encode(&welcome),
+        &[staging_fd.as_raw_fd()],
+    ) {
+        warn!("app {} vanished during registration: {e}", r.pid);
+        return;
+    }
+    info!(
+        session = id,
+        pid = r.pid,
+        arena = format!("{:#x}+{}", r.arena_base, r.arena_len),
+        limit = limit_pages * PAGE,
+        "app registered"
+    );
+    let s = Arc::new(Session::new(
+        id,
+        r.pid as i32,
+        r.agent_tid as i32,
+        uffd,
+        (r.arena_base, r.arena_len as usize),
+        limit_pages,
+        staging,
+        conn,
+        {
+            // The detector works in blocks.
+            let bp = pager.cfg.block / PAGE;
+            Prefetcher::new(
+                (pager.cfg.prefetch_min / bp).max(1),
+                pager.cfg.prefetch_max / bp,
+            )
+        },
+    ));
+    pager.start_session(s);
+}

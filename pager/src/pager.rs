@@ -1,0 +1,264 @@
+//! The pager as a whole: configuration, the cache tier, the slot space over
+//! all memory nodes, the fetch worker pool and the live sessions.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam::channel::{unbounded, Sender};
+use dashmap::DashMap;
+use dmem_memnode::client::ClientConfig;
+use serde_json::{json, Value};
+use thiserror::Error;
+use tracing::info;
+
+use crate::cache::CachePool;
+use crate::fetch::{self, FetchJob};
+use crate::remote::{RemoteError, SlotSpace, TcpTransport, Transport};
+use crate::session::Session;
+use crate::stats::{self, Counters, Latencies};
+use crate::sys::{Mapping, PAGE};
+
+#[derive(Debug, Error)]
+pub enum PagerError {
+    #[error("cannot reach memory node {addr}: {source}")]
+    Memnode { addr: String, source: RemoteError },
+    #[error("cannot allocate the {what}: {source}")]
+    Memory {
+        what: &'static str,
+        source: nix::errno::Errno,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct PagerConfig {
+    pub memnodes: Vec<String>,
+    pub token: Option<Vec<u8>>,
+    /// Default local limit per app, bytes.
+    pub local_limit: u64,
+    /// Cache tier size, bytes.
+    pub cache: u64,
+    /// Transfer unit, bytes (power of two, 4 KiB to 2 MiB).
+    pub block: usize,
+    /// Slab size leased from memory nodes, bytes.
+    pub slab: u64,
+    pub workers: usize,
+    /// Prefetch window bounds, pages (max 0 = off).
+    pub prefetch_min: usize,
+    pub prefetch_max: usize,
+    /// How long a fetch may wait for a memory node (including reconnecting).
+    pub fetch_timeout: Duration,
+}
+
+impl Default for PagerConfig {
+    fn default() -> Self {
+        PagerConfig {
+            memnodes: Vec::new(),
+            token: None,
+            local_limit: 1 << 30,
+            cache: 256 << 20,
+            block: PAGE,
+            slab: 256 << 20,
+            workers: 4,
+            prefetch_min: 16,
+            prefetch_max: 1024,
+            fetch_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct Pager {
+    pub cfg: PagerConfig,
+    pub cache: CachePool,
+    pub space: SlotSpace,
+    /// A block of zeros, the source of zero fills.
+    pub zeros: Mapping,
+    pub sessions: DashMap<u64, Arc<Session>>,
+    next_session: AtomicU64,
+    jobs: Sender<FetchJob>,
+    /// Totals of apps that have detached.
+    pub ended: Counters,
+    pub ended_lat: Latencies,
+}
+
+impl Pager {
+    pub fn new(cfg: PagerConfig) -> Result<Arc<Pager>, PagerError> {
+        if !cfg.block.is_power_of_two() || !(PAGE..=2 << 20).contains(&cfg.block) {
+            return Err(PagerError::Config(format!(
+                "--block must be a power of two from 4K to 2M, not {}",
+                cfg.block
+            )));
+        }
+        let mut nodes: Vec<Arc<dyn Transport>> = Vec::new();
+        for addr in &cfg.memnodes {
+            let mut cc = ClientConfig::new(addr.clone());
+            cc.token = cfg.token.clone();
+            cc.request_timeout = cfg.fetch_timeout;
+            cc.reconnect_window = cfg.fetch_timeout;
+            let t = TcpTransport::connect(cc).map_err(|source| PagerError::Memnode {
+                addr: addr.clone(),
+                source,
+            })?;
+            info!(
+                memnode = addr,
+                transport = t.kind(),
+                "memory node connected"
+            );
+            nodes.push(Arc::new(t));
+        }
+        let cache = CachePool::new(cfg.cache).map_err(|source| PagerError::Memory {
+            what: "cache tier",
+            source,
+        })?;
+        let zeros = Mapping::anonymous(cfg.block).map_err(|source| PagerError::Memory {
+            what: "zero block",
+            source,
+        })?;
+        let (tx, rx) = unbounded::<FetchJob>();
+        let pager = Arc::new(Pager {
+            space: SlotSpace::new(nodes, cfg.slab),
+            cfg,
+            cache,
+            zeros,
+            sessions: DashMap::new(),
+            next_session: AtomicU64::new(1),
+            jobs: tx,
+            ended: Counters::default(),
+            ended_lat: Latencies::default(),
+        });
+        for i in 0..pager.cfg.workers.max(1) {
+            let rx = rx.clone();
+            let p = Arc::clone(&pager);
+            std::thread::Builder::new()
+                .name(format!("dmem-fetch-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        fetch::run(job, &p);
+                    }
+                })
+                .map_err(|e| PagerError::Config(format!("cannot start workers: {e}")))?;
+        }
+        Ok(pager)
+    }
+
+    pub fn dispatch(&self, job: FetchJob) {
+        // Workers live as long as the pager: the channel never disconnects.
+        let _ = self.jobs.send(job);
+    }
+
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn live_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Starts the reader and evictor of a registered session.
+    pub fn start_session(self: &Arc<Self>, s: Arc<Session>) {
+        self.sessions.insert(s.id, Arc::clone(&s));
+        let (p, s2) = (Arc::clone(self), Arc::clone(&s));
+        let evictor = std::thread::Builder::new()
+            .name(format!("dmem-evict-{}", s.id))
+            .spawn(move || crate::evict::run(&s2, &p))
+            .expect("spawn evictor");
+        let p = Arc::clone(self);
+        std::thread::Builder::new()
+            .name(format!("dmem-uffd-{}", s.id))
+            .spawn(move || {
+                s.run_reader(&p);
+                let _ = evictor.join();
+                s.teardown(&p);
+                p.ended.absorb(&s.counters);
+                p.ended_lat.absorb(&s.lat);
+                p.sessions.remove(&s.id);
+            })
+            .expect("spawn uffd reader");
+    }
+
+    /// Everything `dmem stats --json` shows.
+    pub fn stats_json(&self, socket: &str) -> Value {
+        let total = Counters::default();
+        let total_lat = Latencies::default();
+        total.absorb(&self.ended);
+        total_lat.absorb(&self.ended_lat);
+        let mut apps = Vec::new();
+        for e in self.sessions.iter() {
+            let s = e.value();
+            total.absorb(&s.counters);
+            total_lat.absorb(&s.lat);
+            let counts = s.lock().counts;
+            let mut a = stats::to_json(&s.counters, &s.lat);
+            a["session"] = json!(s.id);
+            a["pid"] = json!(s.pid);
+            a["local_limit_bytes"] = json!(s.limit_pages * PAGE);
+            a["resident_bytes"] = json!(counts.resident * PAGE);
+            a["cache_bytes"] = json!(counts.cached * PAGE);
+            a["remote_pages"] = json!(counts.remote);
+            apps.push(a);
+        }
+        let leased = self.space.leased_bytes();
+        let memnodes: Vec<Value> = self
+            .space
+            .nodes()
+            .iter()
+            .zip(leased)
+            .map(|(n, l)| {
+                json!({
+                    "addr": n.addr(),
+                    "transport": n.kind(),
+                    "leased_bytes": l,
+                    "reconnects": n.reconnects(),
+                })
+            })
+            .collect();
+        json!({
+            "pager": {
+                "socket": socket,
+                "apps": apps.len(),
+                "block_bytes": self.cfg.block,
+                "cache_bytes": self.cache.frames() * PAGE,
+                "cache_free_bytes": self.cache.free_frames() * PAGE,
+                "remote_slots_used": self.space.used_slots(),
+            },
+            "total": stats::to_json(&total, &total_lat),
+            "apps": apps,
+            "memnodes": memnodes,
+        })
+    }
+
+    /// Prometheus text for `--metrics`.
+    pub fn metrics_text(&self) -> String {
+        let total = Counters::default();
+        total.absorb(&self.ended);
+        let mut out = String::new();
+        let mut resident = 0;
+        let mut cached = 0;
+        for e in self.sessions.iter() {
+            total.absorb(&e.value().counters);
+            let c = e.value().lock().counts;
+            resident += c.resident;
+            cached += c.cached;
+        }
+        stats::to_prometheus(&mut out, "total", &total);
+        use std::fmt::Write;
+        let _ = writeln!(out, "dmem_pager_apps {}", self.sessions.len());
+        let _ = writeln!(out, "dmem_pager_resident_bytes {}", resident * PAGE);
+        let _ = writeln!(out, "dmem_pager_cache_bytes {}", cached * PAGE);
+        let _ = writeln!(
+            out,
+            "dmem_pager_cache_capacity_bytes {}",
+            self.cache.frames() * PAGE
+        );
+        for (n, l) in self.space.nodes().iter().zip(self.space.leased_bytes()) {
+            let _ = writeln!(
+                out,
+                "dmem_pager_memnode_leased_bytes{{memnode=\"{}\"}} {l}",
+                n.addr()
+            );
+        }
+        out
+    }
+}

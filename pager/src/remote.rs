@@ -1,0 +1,410 @@
+//! Remote memory: the transport trait (shaped like one-sided RDMA: read or
+//! write bytes at region+offset, batched, completion later), its TCP
+//! implementation over the memory-node client, and the slot space that
+//! places pages in slabs leased from memory nodes.
+//!
+//! Slots are 4 KiB places in leased slabs, named by a dense `u32`. Each has
+//! a reference count, like a kernel swap entry, so that a forked child can
+//! share its parent's slots; a write-back always goes to a fresh slot and
+//! the old one is released after the new one is acknowledged.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dmem_memnode::client::{Client, ClientConfig, ClientError, Pending};
+use dmem_memnode::protocol::{ErrorCode, Extent};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::pages::NO_SLOT;
+use crate::sys::PAGE;
+
+#[derive(Debug, Error)]
+pub enum RemoteError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("no memory node has room for more pages")]
+    OutOfSpace,
+    #[error("no memory node configured")]
+    NoNodes,
+}
+
+/// A request in flight; `wait` fills `out` (reads) or just acknowledges.
+pub trait Completion: Send {
+    fn wait(self: Box<Self>, out: &mut [u8]) -> Result<(), RemoteError>;
+}
+
+/// One memory node as the pager sees it.
+pub trait Transport: Send + Sync {
+    /// `tcp`, or `rdma` in a later issue.
+    fn kind(&self) -> &'static str;
+    fn addr(&self) -> &str;
+    /// Leases `len` bytes as region `id`.
+    fn lease(&self, id: u32, len: u64) -> Result<(), RemoteError>;
+    fn release(&self, id: u32) -> Result<(), RemoteError>;
+    /// Free bytes on the node.
+    fn free_bytes(&self) -> Result<u64, RemoteError>;
+    /// Reads the extents, concatenated, into the completion's buffer.
+    fn post_read(&self, ext: &[Extent]) -> Result<Box<dyn Completion>, RemoteError>;
+    /// Writes `data` (the extents' bytes, concatenated).
+    fn post_write(&self, ext: &[Extent], data: &[u8]) -> Result<Box<dyn Completion>, RemoteError>;
+    fn reconnects(&self) -> u64;
+}
+
+pub struct TcpTransport {
+    client: Client,
+}
+
+impl TcpTransport {
+    pub fn connect(cfg: ClientConfig) -> Result<TcpTransport, RemoteError> {
+        Ok(TcpTransport {
+            client: Client::connect(cfg)?,
+        })
+    }
+}
+
+struct TcpCompletion(Pending);
+
+impl Completion for TcpCompletion {
+    fn wait(self: Box<Self>, out: &mut [u8]) -> Result<(), RemoteError> {
+        let data = self.0.wait()?;
+        if !out.is_empty() {
+            if data.len() != out.len() {
+                return Err(ClientError::ShortRead {
+                    got: data.len(),
+                    want: out.len(),
+                }
+                .into());
+            }
+            out.copy_from_slice(&data);
+        }
+        Ok(())
+    }
+}
+
+impl Transport for TcpTransport {
+    fn kind(&self) -> &'static str {
+        "tcp"
+    }
+    fn addr(&self) -> &str {
+        self.client.addr()
+    }
+    fn lease(&self, id: u32, len: u64) -> Result<(), RemoteError> {
+        Ok(self.client.alloc(id, len)?)
+    }
+    fn release(&self, id: u32) -> Result<(), RemoteError> {
+        Ok(self.client.free(id)?)
+    }
+    fn free_bytes(&self) -> Result<u64, RemoteError> {
+        let s = self.client.stat()?;
+        Ok(s.capacity.saturating_sub(s.used))
+    }
+    fn post_read(&self, ext: &[Extent]) -> Result<Box<dyn Completion>, RemoteError> {
+        Ok(Box::new(TcpCompletion(self.client.submit_read(ext)?)))
+    }
+    fn post_write(&self, ext: &[Extent], data: &[u8]) -> Result<Box<dyn Completion>, RemoteError> {
+        Ok(Box::new(TcpCompletion(
+            self.client.submit_write(ext, data)?,
+        )))
+    }
+    fn reconnects(&self) -> u64 {
+        self.client.reconnects()
+    }
+}
+
+/// Where a slot lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub node: usize,
+    pub extent: Extent,
+}
+
+struct Slab {
+    node: usize,
+    region: u32,
+    refs: Vec<u8>,
+    free: Vec<u32>,
+}
+
+struct Inner {
+    slabs: Vec<Slab>,
+    /// Nodes found full, and when: not asked again for a while.
+    full_since: Vec<Option<Instant>>,
+}
+
+/// Slot placement over all memory nodes.
+pub struct SlotSpace {
+    nodes: Vec<Arc<dyn Transport>>,
+    slab_bytes: u64,
+    slab_slots: u32,
+    inner: Mutex<Inner>,
+}
+
+/// Smallest slab tried when a node cannot fit a full-size one.
+const MIN_SLAB: u64 = 4 << 20;
+/// How long a full node is left alone before asking again.
+const FULL_BACKOFF: Duration = Duration::from_secs(2);
+
+impl SlotSpace {
+    pub fn new(nodes: Vec<Arc<dyn Transport>>, slab_bytes: u64) -> SlotSpace {
+        let slab_bytes = slab_bytes.max(MIN_SLAB) / PAGE as u64 * PAGE as u64;
+        let n = nodes.len();
+        SlotSpace {
+            nodes,
+            slab_bytes,
+            slab_slots: (slab_bytes / PAGE as u64) as u32,
+            inner: Mutex::new(Inner {
+                slabs: Vec::new(),
+                full_since: vec![None; n],
+            }),
+        }
+    }
+
+    pub fn nodes(&self) -> &[Arc<dyn Transport>] {
+        &self.nodes
+    }
+
+    pub fn node(&self, i: usize) -> &Arc<dyn Transport> {
+        &self.nodes[i]
+    }
+
+    /// Where slot `s` lives.
+    pub fn locate(&self, s: u32) -> Location {
+        let inner = crate::lock(&self.inner);
+        let slab = &inner.slabs[(s / self.slab_slots) as usize];
+        Location {
+            node: slab.node,
+            extent: Extent {
+                slab: slab.region,
+                len: PAGE as u32,
+                offset: (s % self.slab_slots) as u64 * PAGE as u64,
+            },
+        }
+    }
+
+    /// Takes `n` fresh slots (refcount 1), leasing slabs as needed.
+    pub fn alloc(&self, n: usize) -> Result<Vec<u32>, RemoteError> {
+        if self.nodes.is_empty() {
+            return Err(RemoteError::NoNodes);
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut inner = crate::lock(&self.inner);
+        while out.len() < n {
+            let found = inner
+                .slabs
+                .iter_mut()
+                .enumerate()
+                .find(|(_, s)| !s.free.is_empty());
+            match found {
+                Some((i, slab)) => {
+                    while out.len() < n {
+                        let Some(k) = slab.free.pop() else { break };
+                        slab.refs[k as usize] = 1;
+                        out.push(i as u32 * self.slab_slots + k);
+                    }
+                }
+                None => {
+                    if let Err(e) = self.lease_slab(&mut inner) {
+                        drop(inner);
+                        for s in out {
+                            self.decref(s);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Leases one more slab on the node with the most free space. Slabs
+    /// are all the same size (slot ids are dense), so a node that cannot
+    /// fit one counts as full.
+    fn lease_slab(&self, inner: &mut Inner) -> Result<(), RemoteError> {
+        let mut best: Option<(usize, u64)> = None;
+        for (i, node) in self.nodes.iter().enumerate() {
+            if inner.full_since[i].is_some_and(|t| t.elapsed() < FULL_BACKOFF) {
+                continue;
+            }
+            match node.free_bytes() {
+                Ok(f) if f >= self.slab_bytes && best.is_none_or(|(_, b)| f > b) => {
+                    best = Some((i, f))
+                }
+                Ok(_) => inner.full_since[i] = Some(Instant::now()),
+                Err(e) => warn!(
+                    node = node.addr(),
+                    "memory node unavailable for placement: {e}"
+                ),
+            }
+        }
+        let Some((node, _)) = best else {
+            return Err(RemoteError::OutOfSpace);
+        };
+        let region = inner.slabs.len() as u32;
+        match self.nodes[node].lease(region, self.slab_bytes) {
+            Ok(()) => {}
+            Err(RemoteError::Client(e)) if e.code() == Some(ErrorCode::Full) => {
+                inner.full_since[node] = Some(Instant::now());
+                return Err(RemoteError::OutOfSpace);
+            }
+            Err(e) => return Err(e),
+        }
+        info!(
+            node = self.nodes[node].addr(),
+            region,
+            bytes = self.slab_bytes,
+            "leased a slab"
+        );
+        inner.slabs.push(Slab {
+            node,
+            region,
+            refs: vec![0; self.slab_slots as usize],
+            free: (0..self.slab_slots).rev().collect(),
+        });
+        Ok(())
+    }
+
+    /// Adds a reference (a forked child sharing the slot).
+    pub fn incref(&self, s: u32) {
+        if s == NO_SLOT {
+            return;
+        }
+        let mut inner = crate::lock(&self.inner);
+        let slab = &mut inner.slabs[(s / self.slab_slots) as usize];
+        let r = &mut slab.refs[(s % self.slab_slots) as usize];
+        *r = r
+            .checked_add(1)
+            .expect("slot shared by more than 255 processes");
+    }
+
+    /// Drops a reference; the slot is reused once none remain.
+    pub fn decref(&self, s: u32) {
+        if s == NO_SLOT {
+            return;
+        }
+        let mut inner = crate::lock(&self.inner);
+        let slab = &mut inner.slabs[(s / self.slab_slots) as usize];
+        let k = s % self.slab_slots;
+        let r = &mut slab.refs[k as usize];
+        debug_assert!(*r > 0, "slot {s} released twice");
+        *r = r.saturating_sub(1);
+        if *r == 0 {
+            slab.free.push(k);
+        }
+    }
+
+    /// Slabs leased per node, in bytes.
+    pub fn leased_bytes(&self) -> Vec<u64> {
+        let inner = crate::lock(&self.inner);
+        let mut v = vec![0; self.nodes.len()];
+        for s in &inner.slabs {
+            v[s.node] += self.slab_bytes;
+        }
+        v
+    }
+
+    /// Slots in use (refcount > 0).
+    pub fn used_slots(&self) -> u64 {
+        let inner = crate::lock(&self.inner);
+        inner
+            .slabs
+            .iter()
+            .map(|s| (self.slab_slots as usize - s.free.len()) as u64)
+            .sum()
+    }
+}
+
+/// Reads in flight, by node.
+pub type Posted = Vec<(usize, Box<dyn Completion>)>;
+
+/// A batch of page transfers to or from slots, split by node and posted
+/// together so they travel in parallel.
+pub struct Batch<'a> {
+    space: &'a SlotSpace,
+    /// Per node: extents and the indexes of the pages they carry.
+    per_node: Vec<(Vec<Extent>, Vec<usize>)>,
+    pages: usize,
+}
+
+impl<'a> Batch<'a> {
+    pub fn new(space: &'a SlotSpace, slots: &[u32]) -> Batch<'a> {
+        let mut per_node: Vec<(Vec<Extent>, Vec<usize>)> =
+            vec![(Vec::new(), Vec::new()); space.nodes.len()];
+        for (i, &s) in slots.iter().enumerate() {
+            let loc = space.locate(s);
+            let (ext, idx) = &mut per_node[loc.node];
+            // Merge with the previous extent when contiguous on the node.
+            match ext.last_mut() {
+                Some(last)
+                    if last.slab == loc.extent.slab
+                        && last.offset + last.len as u64 == loc.extent.offset =>
+                {
+                    last.len += PAGE as u32
+                }
+                _ => ext.push(loc.extent),
+            }
+            idx.push(i);
+        }
+        Batch {
+            space,
+            per_node,
+            pages: slots.len(),
+        }
+    }
+
+    /// Posts the reads on every node involved; `finish_read` collects them.
+    pub fn post_read(&self) -> Result<Posted, RemoteError> {
+        let mut posted = Vec::new();
+        for (node, (ext, _)) in self.per_node.iter().enumerate() {
+            if !ext.is_empty() {
+                posted.push((node, self.space.nodes[node].post_read(ext)?));
+            }
+        }
+        Ok(posted)
+    }
+
+    /// Waits for posted reads; page `i` lands at `out[i * PAGE..]`.
+    pub fn finish_read(&self, posted: Posted, out: &mut [u8]) -> Result<(), RemoteError> {
+        assert!(out.len() >= self.pages * PAGE);
+        let mut buf = Vec::new();
+        let mut first_err = None;
+        for (node, c) in posted {
+            let idx = &self.per_node[node].1;
+            buf.resize(idx.len() * PAGE, 0);
+            if let Err(e) = c.wait(&mut buf) {
+                first_err.get_or_insert(e);
+                continue;
+            }
+            for (k, &i) in idx.iter().enumerate() {
+                out[i * PAGE..(i + 1) * PAGE].copy_from_slice(&buf[k * PAGE..(k + 1) * PAGE]);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Writes page `i` of `data` to slot `i`; returns when every node has
+    /// acknowledged.
+    pub fn write(&self, data: &[u8]) -> Result<(), RemoteError> {
+        let mut posted = Vec::new();
+        let mut buf = Vec::new();
+        for (node, (ext, idx)) in self.per_node.iter().enumerate() {
+            if ext.is_empty() {
+                continue;
+            }
+            buf.clear();
+            for &i in idx.iter() {
+                buf.extend_from_slice(&data[i * PAGE..(i + 1) * PAGE]);
+            }
+            posted.push(self.space.nodes[node].post_write(ext, &buf)?);
+        }
+        for c in posted {
+            c.wait(&mut [])?;
+        }
+        Ok(())
+    }
+}
+
+/// Checksum of a page as written back and verified on fetch.
+pub fn checksum(page: &[u8]) -> u32 {
+    crc32c::crc32c(page)
+}

@@ -1,0 +1,108 @@
+//! `dmem stats`: asks a pager for its figures and prints them.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::app::{connect_pager, recv_msg, AppError};
+use crate::sys;
+use crate::wire::{self, Msg, MAX_MSG};
+
+/// The pager's stats JSON.
+pub fn fetch_stats(socket: &Path) -> Result<Value, AppError> {
+    let fd = connect_pager(socket)?;
+    sys::send_with_fds(fd.as_raw_fd(), &wire::encode(&Msg::StatsRequest), &[])
+        .map_err(AppError::Io)?;
+    let mut buf = vec![0u8; MAX_MSG];
+    match recv_msg(&fd, &mut buf)? {
+        (Some(Msg::Stats(text)), _) => {
+            serde_json::from_str(&text).map_err(|e| AppError::Protocol(e.to_string()))
+        }
+        (Some(Msg::Refused(why)), _) => Err(AppError::Refused(why)),
+        (other, _) => Err(AppError::Protocol(format!("unexpected reply {other:?}"))),
+    }
+}
+
+fn mib(v: &Value) -> String {
+    format!("{:.1} MiB", v.as_f64().unwrap_or(0.0) / (1 << 20) as f64)
+}
+
+fn block(out: &mut String, title: &str, v: &Value) {
+    use std::fmt::Write;
+    let f = &v["faults"];
+    let _ = writeln!(out, "{title}");
+    let _ = writeln!(
+        out,
+        "  faults      zero {}  cache {}  remote {}  write-protect {}  throttled {}",
+        f["zero"], f["cache"], f["remote"], f["write_protect"], f["throttled"]
+    );
+    let l = &v["fault_latency_us"];
+    let fl = &v["fetch_latency_us"];
+    let _ = writeln!(
+        out,
+        "  latency us  fault p50 {} p99 {} p999 {}   fetch p50 {} p99 {} p999 {}",
+        l["p50"], l["p99"], l["p999"], fl["p50"], fl["p99"], fl["p999"]
+    );
+    let _ = writeln!(
+        out,
+        "  traffic     fetched {}  written back {}  evictions {}  clean drops {}",
+        mib(&v["bytes_fetched"]),
+        mib(&v["bytes_written_back"]),
+        v["evictions"],
+        v["clean_drops"]
+    );
+    let _ = writeln!(
+        out,
+        "  prefetch    issued {}  hits {}  waste {}   peak local {}  limit exceeded {}",
+        v["prefetch_issued"],
+        v["prefetch_hits"],
+        v["prefetch_waste"],
+        mib(&v["peak_resident_bytes"]),
+        v["limit_exceeded"]
+    );
+}
+
+/// A human-readable rendering of the stats JSON.
+pub fn human(v: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let p = &v["pager"];
+    let _ = writeln!(
+        out,
+        "pager {}: {} app(s), block {} B, cache {} ({} free)",
+        p["socket"].as_str().unwrap_or("?"),
+        p["apps"],
+        p["block_bytes"],
+        mib(&p["cache_bytes"]),
+        mib(&p["cache_free_bytes"])
+    );
+    for n in v["memnodes"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "memnode {} via {}: leased {}, reconnects {}",
+            n["addr"].as_str().unwrap_or("?"),
+            n["transport"].as_str().unwrap_or("?"),
+            mib(&n["leased_bytes"]),
+            n["reconnects"]
+        );
+    }
+    for a in v["apps"].as_array().into_iter().flatten() {
+        let title = format!(
+            "app pid {} (session {}): resident {}, cache {}, remote {} pages, limit {}",
+            a["pid"],
+            a["session"],
+            mib(&a["resident_bytes"]),
+            mib(&a["cache_bytes"]),
+            a["remote_pages"],
+            mib(&a["local_limit_bytes"])
+        );
+        block(&mut out, &title, a);
+    }
+    block(
+        &mut out,
+        "total (all apps, including ended ones)",
+        &v["total"],
+    );
+    out
+}

@@ -1,0 +1,612 @@
+//! One app attached to the pager: its page table, its uffd reader (which
+//! takes events in batches and resolves cheap faults itself), and the
+//! bookkeeping shared by the fetch workers and its evictor.
+//!
+//! Locking: `mm` orders page installs against the app's REMOVE/UNMAP/REMAP
+//! events. The reader holds it for writing while it reads a batch of events
+//! and applies the address-space changes; installers hold it for reading
+//! around UFFDIO_COPY. A copy therefore either lands before the event is
+//! read (the kernel then fails it with EAGAIN, or the app's zap comes after
+//! it) or after the event is applied (the page table no longer asks for it).
+//! `st` guards the page table; it is taken inside `mm`, never across a
+//! network wait.
+//!
+//! Faults that find their page on its way somewhere (evicting, fetching,
+//! writing back) do nothing: every such transition ends by waking its pages,
+//! and woken threads fault again if they still need to. A fault that cannot
+//! be resolved now (EAGAIN) is answered the same way: wake, fault again.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, warn};
+use userfaultfd::{Event, EventBuffer, FaultKind, ReadWrite, Uffd};
+
+use crate::pager::Pager;
+use crate::pages::{flag, PageMeta, PageTable, Place, NO_FRAME, NO_SLOT};
+use crate::prefetch::Prefetcher;
+use crate::stats::{Counters, Latencies};
+use crate::sys::{self, Fill, Mapping, PAGE};
+use crate::wire::{self, Msg};
+
+/// A page fault as read from the uffd.
+#[derive(Debug, Clone, Copy)]
+pub struct Fault {
+    pub page: u64,
+    pub write: bool,
+    pub wp: bool,
+    pub tid: i32,
+    pub at: Instant,
+}
+
+/// Page counts by place.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    /// Present in the app (including pages being evicted).
+    pub resident: usize,
+    pub cached: usize,
+    /// Only on a memory node (including pages being fetched).
+    pub remote: usize,
+}
+
+impl Counts {
+    fn slot(&mut self, p: Place) -> Option<&mut usize> {
+        match p {
+            Place::Resident | Place::Evicting => Some(&mut self.resident),
+            Place::Cached => Some(&mut self.cached),
+            Place::Remote | Place::Fetching => Some(&mut self.remote),
+            Place::Zero => None,
+        }
+    }
+
+    /// Moves a page between places, keeping the counts right.
+    pub fn moved(&mut self, from: Place, to: Place) {
+        if let Some(c) = self.slot(from) {
+            *c -= 1;
+        }
+        if let Some(c) = self.slot(to) {
+            *c += 1;
+        }
+    }
+}
+
+pub struct State {
+    pub table: PageTable,
+    pub counts: Counts,
+    pub resident_fifo: VecDeque<u64>,
+    pub cache_fifo: VecDeque<u64>,
+    pub prefetch: Prefetcher,
+    /// Pages of the last prefetch window still flagged as prefetched.
+    pub last_prefetch: Vec<u64>,
+    /// Eviction cannot make progress (no remote space): faults are served
+    /// over the limit instead of being held back.
+    pub stuck: bool,
+}
+
+impl State {
+    pub fn push_resident(&mut self, page: u64) {
+        if let Some(m) = self.table.get_mut(page) {
+            if !m.has(flag::IN_RESIDENT_FIFO) {
+                m.set(flag::IN_RESIDENT_FIFO);
+                self.resident_fifo.push_back(page);
+            }
+        }
+    }
+
+    pub fn push_cached(&mut self, page: u64) {
+        if let Some(m) = self.table.get_mut(page) {
+            if !m.has(flag::IN_CACHE_FIFO) {
+                m.set(flag::IN_CACHE_FIFO);
+                self.cache_fifo.push_back(page);
+            }
+        }
+    }
+
+    /// Sets a page's place, keeping counts.
+    pub fn place(&mut self, page: u64, to: Place) {
+        if let Some(m) = self.table.get_mut(page) {
+            let from = m.place;
+            m.place = to;
+            self.counts.moved(from, to);
+        }
+    }
+}
+
+pub struct Session {
+    pub id: u64,
+    pub pid: i32,
+    agent_tid: i32,
+    uffd: Uffd,
+    pub limit_pages: usize,
+    /// Eviction batch, and the distance between watermarks.
+    pub batch: usize,
+    pub mm: RwLock<()>,
+    pub st: Mutex<State>,
+    pub counters: Counters,
+    pub lat: Latencies,
+    pub staging: Mapping,
+    pub sock: OwnedFd,
+    pub dead: AtomicBool,
+    kick: (Mutex<bool>, Condvar),
+    pub next_batch: AtomicU64,
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        pid: i32,
+        agent_tid: i32,
+        uffd: OwnedFd,
+        arena: (u64, usize),
+        limit_pages: usize,
+        staging: Mapping,
+        sock: OwnedFd,
+        prefetch: Prefetcher,
+    ) -> Session {
+        let batch = (limit_pages / 16).clamp(8, wire::MAX_BATCH.min(staging.len() / PAGE));
+        // SAFETY: the descriptor was received over SCM_RIGHTS, checked to be
+        // a userfaultfd, and is owned by nothing else.
+        let uffd = unsafe { <Uffd as std::os::fd::FromRawFd>::from_raw_fd(into_raw(uffd)) };
+        Session {
+            id,
+            pid,
+            agent_tid,
+            uffd,
+            limit_pages,
+            batch,
+            mm: RwLock::new(()),
+            st: Mutex::new(State {
+                table: PageTable::new(arena.0, arena.1),
+                counts: Counts::default(),
+                resident_fifo: VecDeque::new(),
+                cache_fifo: VecDeque::new(),
+                prefetch,
+                last_prefetch: Vec::new(),
+                stuck: false,
+            }),
+            counters: Counters::default(),
+            lat: Latencies::default(),
+            staging,
+            sock,
+            dead: AtomicBool::new(false),
+            kick: (Mutex::new(false), Condvar::new()),
+            next_batch: AtomicU64::new(1),
+        }
+    }
+
+    pub fn uffd(&self) -> RawFd {
+        self.uffd.as_raw_fd()
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        crate::lock(&self.st)
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Local pages: resident plus this app's cache frames.
+    pub fn local(st: &State) -> usize {
+        st.counts.resident + st.counts.cached
+    }
+
+    /// Wakes the evictor.
+    pub fn kick_evictor(&self) {
+        let (m, cv) = &self.kick;
+        *crate::lock(m) = true;
+        cv.notify_one();
+    }
+
+    /// Waits for a kick or the timeout.
+    pub fn wait_kick(&self, timeout: Duration) {
+        let (m, cv) = &self.kick;
+        let mut k = crate::lock(m);
+        if !*k {
+            k = cv
+                .wait_timeout(k, timeout)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        *k = false;
+    }
+
+    /// Wakes threads faulting anywhere in the range.
+    pub fn wake(&self, start: u64, len: usize) {
+        if let Err(e) = sys::uffd_wake(self.uffd(), start, len) {
+            debug!(session = self.id, "wake failed: {e}");
+        }
+    }
+
+    /// Stops the app: its data cannot be served. Never zeros.
+    pub fn fatal(&self, why: &str) {
+        if self.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        error!(session = self.id, pid = self.pid, "stopping the app: {why}");
+        let msg = wire::encode(&Msg::Fatal(format!(
+            "{why}; stopping this program rather than letting it read wrong data"
+        )));
+        let _ = sys::send_with_fds(self.sock.as_raw_fd(), &msg, &[]);
+        let pid = self.pid;
+        std::thread::spawn(move || {
+            // The agent aborts the app; if it cannot (stopped, stuck), kill it.
+            std::thread::sleep(Duration::from_secs(2));
+            if sys::process_alive(pid) {
+                sys::kill_process(pid);
+            }
+        });
+        self.kick_evictor();
+    }
+
+    /// Installs `len` bytes at `dst` from `src` write-protected, then makes
+    /// the faulting page writable (and dirty) for a write fault, and wakes
+    /// it. Returns pages installed from the start of the range.
+    pub fn install(
+        &self,
+        st: &mut State,
+        dst: u64,
+        src: *const u8,
+        len: usize,
+        fault: Option<&Fault>,
+    ) -> (Fill, usize) {
+        let (fill, done) = copy_run(self.uffd(), dst, src, len);
+        let pages = done / PAGE;
+        for i in 0..pages {
+            let p = dst + (i * PAGE) as u64;
+            st.place(p, Place::Resident);
+            st.push_resident(p);
+        }
+        if let Some(f) = fault {
+            let covered = f.page >= dst && f.page < dst + done as u64;
+            if covered && f.write {
+                if let Some(m) = st.table.get_mut(f.page) {
+                    m.set(flag::DIRTY);
+                }
+                let _ = sys::uffd_writeprotect(self.uffd(), f.page, PAGE, false);
+            }
+        }
+        if done > 0 {
+            self.wake(dst, done);
+        }
+        let peak = (Self::local(st) * PAGE) as u64;
+        self.counters.peak(peak);
+        (fill, pages)
+    }
+
+    /// The uffd reader: until the app goes away.
+    pub fn run_reader(self: &Arc<Self>, pager: &Arc<Pager>) {
+        let mut buf = EventBuffer::new(128);
+        let mut deferred: VecDeque<Fault> = VecDeque::new();
+        let mut faults = Vec::with_capacity(128);
+        while !self.is_dead() {
+            let timeout = if deferred.is_empty() { 100 } else { 1 };
+            match sys::poll_uffd_and_peer(self.uffd(), self.sock.as_raw_fd(), timeout) {
+                Ok(sys::Ready::PeerGone) => {
+                    debug!(session = self.id, "app closed its agent channel");
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    error!(session = self.id, "poll failed: {e}");
+                    break;
+                }
+            }
+            faults.clear();
+            {
+                let _w = self.mm.write().unwrap_or_else(|p| p.into_inner());
+                let events = match self.uffd.read_events(&mut buf) {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        info!(session = self.id, "uffd closed: {e}");
+                        break;
+                    }
+                };
+                let mut st = self.lock();
+                for ev in events {
+                    match ev {
+                        Ok(Event::Pagefault {
+                            kind,
+                            rw,
+                            addr,
+                            thread_id,
+                        }) => faults.push(Fault {
+                            page: addr as u64 & !(PAGE as u64 - 1),
+                            write: rw == ReadWrite::Write,
+                            wp: kind == FaultKind::WriteProtected,
+                            tid: thread_id.as_raw(),
+                            at: Instant::now(),
+                        }),
+                        Ok(Event::Remove { start, end }) => {
+                            self.on_remove(pager, &mut st, start as u64, end as u64, false)
+                        }
+                        Ok(Event::Unmap { start, end }) => {
+                            self.on_remove(pager, &mut st, start as u64, end as u64, true)
+                        }
+                        Ok(Event::Remap { from, to, len }) => {
+                            self.on_remap(pager, &mut st, from as u64, to as u64, len)
+                        }
+                        Ok(other) => warn!(session = self.id, "ignoring uffd event {other:?}"),
+                        Err(e) => warn!(session = self.id, "bad uffd event: {e}"),
+                    }
+                }
+            }
+            // Held-back faults first: they are older.
+            let n = deferred.len();
+            for _ in 0..n {
+                let f = deferred.pop_front().expect("counted");
+                if let Some(f) = self.on_fault(pager, f) {
+                    deferred.push_back(f);
+                }
+            }
+            for f in faults.drain(..) {
+                if let Some(f) = self.on_fault(pager, f) {
+                    deferred.push_back(f);
+                }
+            }
+        }
+        self.dead.store(true, Ordering::Release);
+        self.kick_evictor();
+    }
+
+    /// Handles one fault. Returns it when it must wait (app over its limit).
+    fn on_fault(self: &Arc<Self>, pager: &Arc<Pager>, f: Fault) -> Option<Fault> {
+        if f.tid == self.agent_tid && !f.wp {
+            // The agent only reads victims; one it faults on was zapped by
+            // the app meanwhile, so its content is zeros. Never wait here:
+            // the evictor is waiting for the agent.
+            if sys::uffd_zeropage(self.uffd(), f.page, PAGE) != Ok(Fill::Done) {
+                // EAGAIN while an event is pending: fault again after it.
+                self.wake(f.page, PAGE);
+            }
+            return None;
+        }
+        let _r = self.mm.read().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
+        if st.table.get(f.page).is_none() {
+            // Managed memory the app grew in place (mremap): track it.
+            let chunk = 2 << 20;
+            st.table.add_region(f.page & !(chunk as u64 - 1), chunk);
+        }
+        let m = *st.table.get(f.page).expect("region just added");
+        let c = &self.counters;
+        match (f.wp, m.place) {
+            (true, Place::Resident) => {
+                // First write to a clean page: it is dirty from now on.
+                if let Some(m) = st.table.get_mut(f.page) {
+                    m.set(flag::DIRTY);
+                    if m.has(flag::PREFETCHED) {
+                        m.clear(flag::PREFETCHED);
+                        c.add(&c.prefetch_hits, 1);
+                    }
+                }
+                if sys::uffd_writeprotect(self.uffd(), f.page, PAGE, false) != Ok(Fill::Done) {
+                    // EAGAIN while an event is pending (often the agent's own
+                    // DONTNEED): the writer faults again and is served then.
+                    self.wake(f.page, PAGE);
+                }
+                c.add(&c.faults_wp, 1);
+            }
+            (_, Place::Evicting) | (false, Place::Fetching) => c.add(&c.faults_joined, 1),
+            (false, Place::Cached) if m.has(flag::WRITEBACK) => c.add(&c.faults_joined, 1),
+            (true, _) | (false, Place::Resident) => {
+                drop(st);
+                self.wake(f.page, PAGE);
+            }
+            (false, Place::Zero | Place::Cached | Place::Remote) => {
+                if !st.stuck && Self::local(&st) >= self.limit_pages {
+                    if f.at.elapsed() < Duration::from_secs(2) {
+                        c.add(&c.faults_throttled, 1);
+                        self.kick_evictor();
+                        return Some(f);
+                    }
+                    // Eviction is not keeping up at all: serve over the limit.
+                    c.add(&c.limit_exceeded, 1);
+                }
+                if Self::local(&st) + 1 >= self.limit_pages.saturating_sub(self.batch) {
+                    self.kick_evictor();
+                }
+                match m.place {
+                    Place::Zero => self.fill_zero(pager, &mut st, &f),
+                    Place::Cached => self.fill_from_cache(pager, &mut st, &f, m),
+                    _ => {
+                        let job = crate::fetch::claim(self, pager, &mut st, &f);
+                        drop(st);
+                        drop(_r);
+                        pager.dispatch(job);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Never-touched page: zeros, with clean zero neighbours of its block.
+    fn fill_zero(&self, pager: &Pager, st: &mut State, f: &Fault) {
+        let block = st.table.block_of(f.page, pager.cfg.block);
+        let mut lo = f.page;
+        while lo > block.start
+            && st
+                .table
+                .get(lo - PAGE as u64)
+                .is_some_and(|m| m.place == Place::Zero)
+        {
+            lo -= PAGE as u64;
+        }
+        let mut hi = f.page + PAGE as u64;
+        while hi < block.end && st.table.get(hi).is_some_and(|m| m.place == Place::Zero) {
+            hi += PAGE as u64;
+        }
+        let len = (hi - lo) as usize;
+        let (fill, n) = self.install(st, lo, pager.zeros.as_ptr(), len, Some(f));
+        self.counters.add(&self.counters.faults_zero, 1);
+        self.finish(fill, f, n == len / PAGE);
+    }
+
+    /// Page in a cache frame: one copy.
+    fn fill_from_cache(&self, pager: &Pager, st: &mut State, f: &Fault, m: PageMeta) {
+        let (fill, n) = self.install(st, f.page, pager.cache.ptr(m.frame), PAGE, Some(f));
+        if n == 1 {
+            pager.cache.release(m.frame);
+            let c = &self.counters;
+            if let Some(pm) = st.table.get_mut(f.page) {
+                pm.frame = NO_FRAME;
+                if pm.has(flag::PREFETCHED) {
+                    pm.clear(flag::PREFETCHED);
+                    c.add(&c.prefetch_hits, 1);
+                }
+            }
+            c.add(&c.faults_cache, 1);
+        }
+        self.finish(fill, f, n == 1);
+    }
+
+    /// Ends a fault: records its latency, or wakes the thread to fault
+    /// again when the copy could not complete.
+    pub fn finish(&self, fill: Fill, f: &Fault, complete: bool) {
+        match fill {
+            Fill::Done if complete => {
+                Latencies::record(&self.lat.fault, f.at.elapsed());
+            }
+            Fill::Gone => {
+                debug!(session = self.id, "fault on a vanished range");
+                self.wake(f.page, PAGE);
+            }
+            _ => self.wake(f.page, PAGE),
+        }
+    }
+
+    /// Forgets a page's content (the app freed it): zeros from now on.
+    fn forget(&self, pager: &Pager, st: &mut State, page: u64) {
+        let Some(m) = st.table.get_mut(page) else {
+            return;
+        };
+        let old = *m;
+        let keep = m.flags & (flag::IN_RESIDENT_FIFO | flag::IN_CACHE_FIFO);
+        if old.has(flag::PREFETCHED) {
+            self.counters.add(&self.counters.prefetch_waste, 1);
+        }
+        *m = PageMeta {
+            flags: keep,
+            gen: old.gen.wrapping_add(1),
+            ..PageMeta::default()
+        };
+        st.counts.moved(old.place, Place::Zero);
+        if old.place == Place::Cached && old.frame != NO_FRAME {
+            pager.cache.release(old.frame);
+        }
+        pager.space.decref(old.slot);
+    }
+
+    /// REMOVE (madvise DONTNEED/FREE) or UNMAP of a range.
+    fn on_remove(&self, pager: &Pager, st: &mut State, start: u64, end: u64, unmap: bool) {
+        let mut p = start & !(PAGE as u64 - 1);
+        while p < end {
+            if let Some(m) = st.table.get_mut(p) {
+                if m.has(flag::OUR_REMOVE) && !unmap {
+                    // The agent's own DONTNEED of a victim.
+                    m.clear(flag::OUR_REMOVE);
+                } else {
+                    self.forget(pager, st, p);
+                }
+            }
+            p += PAGE as u64;
+        }
+    }
+
+    /// mremap moved `[from, from+len)` to `to`: the pages' state moves too.
+    fn on_remap(&self, pager: &Pager, st: &mut State, from: u64, to: u64, len: usize) {
+        st.table.add_region(to, len);
+        for i in 0..len / PAGE {
+            let (src, dst) = (from + (i * PAGE) as u64, to + (i * PAGE) as u64);
+            self.forget(pager, st, dst);
+            let Some(m) = st.table.get(src).copied() else {
+                continue;
+            };
+            let mut moved = m;
+            moved.flags &= flag::DIRTY;
+            moved.place = match m.place {
+                // The data travelled with the mapping; count it dirty, the
+                // eviction in flight for the old address will find nothing.
+                Place::Evicting => {
+                    moved.flags |= flag::DIRTY;
+                    Place::Resident
+                }
+                Place::Fetching => Place::Remote,
+                p => p,
+            };
+            moved.gen = m.gen.wrapping_add(1);
+            if let Some(s) = st.table.get_mut(src) {
+                let keep = s.flags & (flag::IN_RESIDENT_FIFO | flag::IN_CACHE_FIFO);
+                *s = PageMeta {
+                    flags: keep,
+                    gen: m.gen.wrapping_add(1),
+                    ..PageMeta::default()
+                };
+            }
+            st.counts.moved(m.place, Place::Zero);
+            if let Some(d) = st.table.get_mut(dst) {
+                let keep = d.flags & (flag::IN_RESIDENT_FIFO | flag::IN_CACHE_FIFO);
+                *d = moved;
+                d.flags |= keep;
+            }
+            st.counts.moved(Place::Zero, moved.place);
+            match moved.place {
+                Place::Resident => st.push_resident(dst),
+                Place::Cached => st.push_cached(dst),
+                _ => {}
+            }
+        }
+        // A write-back in flight for the old addresses will find nothing to
+        // complete; the frames now belong to the new addresses.
+        let _ = pager;
+    }
+
+    /// Releases everything the app held: frames, slots.
+    pub fn teardown(&self, pager: &Pager) {
+        let mut st = self.lock();
+        let mut frames = 0;
+        let mut slots = 0;
+        for (_, m) in st.table.all_mut() {
+            if m.place == Place::Cached && m.frame != NO_FRAME {
+                pager.cache.release(m.frame);
+                frames += 1;
+            }
+            if m.slot != NO_SLOT {
+                pager.space.decref(m.slot);
+                slots += 1;
+            }
+            *m = PageMeta::default();
+        }
+        st.counts = Counts::default();
+        st.resident_fifo.clear();
+        st.cache_fifo.clear();
+        info!(
+            session = self.id,
+            pid = self.pid,
+            frames,
+            slots,
+            "app detached; released its cache frames and remote slots"
+        );
+    }
+}
+
+/// UFFDIO_COPY of a run, reporting how much landed. Pages land in order;
+/// an error stops the run (the caller reverts what did not land).
+fn copy_run(uffd: RawFd, dst: u64, src: *const u8, len: usize) -> (Fill, usize) {
+    match sys::uffd_copy(uffd, dst, src, len, true, false) {
+        Ok((fill, done)) => (fill, done),
+        Err(e) => {
+            warn!("UFFDIO_COPY failed: {e}");
+            (Fill::Gone, 0)
+        }
+    }
+}
+
+fn into_raw(fd: OwnedFd) -> RawFd {
+    std::os::fd::IntoRawFd::into_raw_fd(fd)
+}

@@ -1,0 +1,412 @@
+//! OS calls of the pager and the app side: userfaultfd ioctls the
+//! `userfaultfd` crate lacks (COPY with `MODE_WP`, errno-exact results),
+//! memfd and mmap, `process_vm_readv` on oneself, SCM_RIGHTS and peer
+//! credentials on unix sockets. Every unsafe block is here.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+};
+use userfaultfd_sys as raw;
+
+pub const PAGE: usize = 4096;
+
+/// Outcome of a uffd ioctl that may stop early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// The whole range was filled.
+    Done,
+    /// A page of the range was already present (EEXIST): someone else
+    /// resolved it. The faulting thread must still be woken.
+    Exists,
+    /// The address space is changing (EAGAIN: a REMOVE/UNMAP/REMAP event is
+    /// pending). Wake the thread so it faults again after the event.
+    Retry,
+    /// The process is gone (ESRCH) or the range no longer registered (ENOENT).
+    Gone,
+}
+
+fn classify(e: Errno) -> Result<Fill, Errno> {
+    match e {
+        Errno::EEXIST => Ok(Fill::Exists),
+        Errno::EAGAIN => Ok(Fill::Retry),
+        Errno::ESRCH | Errno::ENOENT => Ok(Fill::Gone),
+        _ => Err(e),
+    }
+}
+
+/// `UFFDIO_COPY` of `len` bytes from `src` (pager memory) to `dst` (the
+/// app's address space), write-protected when `wp`, without waking when
+/// `!wake`. Partial copies are resumed; returns how the copy ended and how
+/// many bytes landed (from the start of the range).
+pub fn uffd_copy(
+    uffd: RawFd,
+    dst: u64,
+    src: *const u8,
+    len: usize,
+    wp: bool,
+    wake: bool,
+) -> Result<(Fill, usize), Errno> {
+    let mut done = 0usize;
+    while done < len {
+        let mut mode = 0;
+        if wp {
+            mode |= raw::UFFDIO_COPY_MODE_WP;
+        }
+        if !wake {
+            mode |= raw::UFFDIO_COPY_MODE_DONTWAKE;
+        }
+        let mut arg = raw::uffdio_copy {
+            dst: dst + done as u64,
+            src: src as u64 + done as u64,
+            len: (len - done) as u64,
+            mode,
+            copy: 0,
+        };
+        // SAFETY: `arg` is a valid uffdio_copy that lives across the call; the
+        // kernel reads `len` bytes at `src`, which the caller owns, and writes
+        // only into the target process through the uffd.
+        let rc = unsafe { libc::ioctl(uffd, raw::UFFDIO_COPY as _, &mut arg) };
+        if rc == 0 {
+            return Ok((Fill::Done, len));
+        }
+        let e = Errno::last();
+        if arg.copy > 0 {
+            done += arg.copy as usize;
+            continue;
+        }
+        return classify(e).map(|f| (f, done));
+    }
+    Ok((Fill::Done, done))
+}
+
+/// `UFFDIO_ZEROPAGE` over a range (used only for the agent's own faults).
+pub fn uffd_zeropage(uffd: RawFd, dst: u64, len: usize) -> Result<Fill, Errno> {
+    let mut arg = raw::uffdio_zeropage {
+        range: raw::uffdio_range {
+            start: dst,
+            len: len as u64,
+        },
+        mode: 0,
+        zeropage: 0,
+    };
+    // SAFETY: valid uffdio_zeropage argument living across the call.
+    let rc = unsafe { libc::ioctl(uffd, raw::UFFDIO_ZEROPAGE as _, &mut arg) };
+    if rc == 0 {
+        return Ok(Fill::Done);
+    }
+    classify(Errno::last())
+}
+
+/// Sets (`wp`) or clears write protection on a range; clearing wakes
+/// writers blocked on it.
+pub fn uffd_writeprotect(uffd: RawFd, start: u64, len: usize, wp: bool) -> Result<Fill, Errno> {
+    let mut arg = raw::uffdio_writeprotect {
+        range: raw::uffdio_range {
+            start,
+            len: len as u64,
+        },
+        mode: if wp {
+            raw::UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        },
+    };
+    // SAFETY: valid uffdio_writeprotect argument living across the call.
+    let rc = unsafe { libc::ioctl(uffd, raw::UFFDIO_WRITEPROTECT as _, &mut arg) };
+    if rc == 0 {
+        return Ok(Fill::Done);
+    }
+    classify(Errno::last())
+}
+
+/// Wakes threads blocked on faults in the range.
+pub fn uffd_wake(uffd: RawFd, start: u64, len: usize) -> Result<Fill, Errno> {
+    let mut arg = raw::uffdio_range {
+        start,
+        len: len as u64,
+    };
+    // SAFETY: valid uffdio_range argument living across the call.
+    let rc = unsafe { libc::ioctl(uffd, raw::UFFDIO_WAKE as _, &mut arg) };
+    if rc == 0 {
+        return Ok(Fill::Done);
+    }
+    classify(Errno::last())
+}
+
+/// An anonymous or shared mapping owned by this process, unmapped on drop.
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; callers synchronise access to its bytes.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Private anonymous memory, reserved lazily (MAP_NORESERVE).
+    pub fn anonymous(len: usize) -> Result<Mapping, Errno> {
+        Self::map(
+            len,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+        )
+    }
+
+    /// A shared mapping of `fd`.
+    pub fn shared(fd: BorrowedFd<'_>, len: usize) -> Result<Mapping, Errno> {
+        Self::map(len, libc::MAP_SHARED, fd.as_raw_fd())
+    }
+
+    fn map(len: usize, flags: i32, fd: RawFd) -> Result<Mapping, Errno> {
+        // SAFETY: a fresh mapping at a kernel-chosen address; no existing
+        // memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Errno::last());
+        }
+        let ptr = NonNull::new(p.cast()).ok_or(Errno::ENOMEM)?;
+        Ok(Mapping { ptr, len })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Address as a number, for uffd ranges.
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    /// Leaks the mapping: it stays mapped for the life of the process.
+    pub fn leak(self) -> (u64, usize) {
+        let r = (self.addr(), self.len);
+        std::mem::forget(self);
+        r
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping this value owns; no references
+        // into it outlive `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Reads `len` bytes at `offset` of a mapping into `out` (bounds checked).
+pub fn mapping_read(m: &Mapping, offset: usize, out: &mut [u8]) {
+    assert!(offset + out.len() <= m.len, "mapping read out of bounds");
+    // SAFETY: in bounds (checked above).
+    let at = unsafe { m.as_ptr().add(offset) };
+    // SAFETY: `at..at+len` is inside the mapping, which is live while `m` is
+    // borrowed; `out` does not alias it.
+    let src = unsafe { std::slice::from_raw_parts(at, out.len()) };
+    out.copy_from_slice(src);
+}
+
+/// Writes `data` at `offset` of a mapping (bounds checked).
+pub fn mapping_write(m: &Mapping, offset: usize, data: &[u8]) {
+    assert!(offset + data.len() <= m.len, "mapping write out of bounds");
+    // SAFETY: in bounds (checked above).
+    let at = unsafe { m.as_ptr().add(offset) };
+    // SAFETY: `at..at+len` is inside the live mapping; callers own this part
+    // of it exclusively (a cache frame or a staging slot handed to them).
+    let dst = unsafe { std::slice::from_raw_parts_mut(at, data.len()) };
+    dst.copy_from_slice(data);
+}
+
+/// A memfd of `len` bytes, for the staging area shared with an app.
+pub fn memfd(name: &str, len: usize) -> Result<OwnedFd, Errno> {
+    let cname = std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?;
+    let fd = nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)?;
+    nix::unistd::ftruncate(&fd, len as i64)?;
+    Ok(fd)
+}
+
+/// `madvise(MADV_DONTNEED)` on a range of this process.
+pub fn dontneed(addr: u64, len: usize) -> Result<(), Errno> {
+    // SAFETY: dropping pages only affects their contents, which the caller
+    // (the agent, on the pager's instruction) has copied out; an unmapped
+    // range yields ENOMEM, not undefined behaviour.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
+/// `madvise(MADV_NOHUGEPAGE)`: uffd serves 4 KiB pages; keep THP out.
+pub fn no_huge_pages(addr: u64, len: usize) -> Result<(), Errno> {
+    // SAFETY: advisory only; does not change contents.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
+/// Copies `len` bytes at `addr` of this process into `dst` with
+/// `process_vm_readv`, which fails with EFAULT on unmapped memory instead
+/// of crashing: the agent reads victims the app may have unmapped.
+pub fn read_own_memory(addr: u64, dst: &mut [u8]) -> Result<(), Errno> {
+    let pid = nix::unistd::getpid();
+    let len = dst.len();
+    let mut local = [IoSliceMut::new(dst)];
+    let remote = [nix::sys::uio::RemoteIoVec {
+        base: addr as usize,
+        len,
+    }];
+    let n = nix::sys::uio::process_vm_readv(pid, &mut local, &remote)?;
+    if n == len {
+        Ok(())
+    } else {
+        Err(Errno::EFAULT)
+    }
+}
+
+/// Sends one message with optional file descriptors.
+pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> Result<(), Errno> {
+    let iov = [IoSlice::new(data)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    Ok(())
+}
+
+/// Receives one message into `buf` with up to 4 file descriptors; returns
+/// the length (0 = peer closed) and the descriptors received.
+pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), Errno> {
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(list) = c {
+            for fd in list {
+                // SAFETY: the kernel just installed this descriptor for us;
+                // nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(Errno::EMSGSIZE);
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// The pid and uid of a unix-socket peer, from the kernel (SO_PEERCRED).
+pub fn peer_cred(sock: BorrowedFd<'_>) -> Result<(i32, u32), Errno> {
+    let c = getsockopt(&sock, sockopt::PeerCredentials)?;
+    Ok((c.pid(), c.uid()))
+}
+
+/// Whether a descriptor is a userfaultfd (by its anon-inode name).
+pub fn is_userfaultfd(fd: BorrowedFd<'_>) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.to_string_lossy() == "anon_inode:[userfaultfd]")
+        .unwrap_or(false)
+}
+
+/// Whether a process still exists.
+pub fn process_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Kills a process (the last resort when its data is gone and its agent
+/// did not stop it).
+pub fn kill_process(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    nix::unistd::gettid().as_raw()
+}
+
+/// What `poll_uffd_and_peer` saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    Events,
+    Timeout,
+    /// The app's end of its socket closed: the app is gone.
+    PeerGone,
+}
+
+/// Waits for uffd events or the app's socket to hang up.
+pub fn poll_uffd_and_peer(uffd: RawFd, sock: RawFd, timeout_ms: i32) -> Result<Ready, Errno> {
+    let mut p = [
+        libc::pollfd {
+            fd: uffd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: sock,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        },
+    ];
+    // SAFETY: two valid pollfds, living across the call.
+    let rc = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout_ms) };
+    if rc < 0 {
+        let e = Errno::last();
+        return if e == Errno::EINTR {
+            Ok(Ready::Timeout)
+        } else {
+            Err(e)
+        };
+    }
+    if p[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+        return Ok(Ready::PeerGone);
+    }
+    if p[0].revents != 0 {
+        return Ok(Ready::Events);
+    }
+    Ok(Ready::Timeout)
+}
+
+/// Whether `fd` has input within `timeout_ms`.
+pub fn poll_in(fd: RawFd, timeout_ms: i32) -> Result<bool, Errno> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, living across the call.
+    let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if rc < 0 {
+        let e = Errno::last();
+        return if e == Errno::EINTR { Ok(false) } else { Err(e) };
+    }
+    Ok(rc > 0 && p.revents != 0)
+}

@@ -1,0 +1,386 @@
+//! `dmem-workload`: a test program that attaches to a pager the way
+//! libdmem.so will (its own uffd over its own arena, registered with the
+//! pager) and runs a workload over managed memory, verifying every byte.
+//! Exits 0 when every check passed, 1 with a message on the first wrong
+//! byte, 2 on setup errors. Prints one JSON line of figures at the end.
+//!
+//! Page contents are a function of (seed, page, version), so any stale,
+//! zeroed or misplaced page is caught wherever it is read.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use dmem_pager::app::{AppConfig, AppSession};
+
+const PAGE: usize = 4096;
+
+struct Args {
+    socket: PathBuf,
+    scenario: String,
+    /// Bytes of managed memory the workload touches.
+    size: usize,
+    threads: usize,
+    seed: u64,
+    limit: u64,
+    rounds: usize,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        socket: PathBuf::new(),
+        scenario: "seq".into(),
+        size: 64 << 20,
+        threads: 4,
+        seed: 1,
+        limit: 0,
+        rounds: 2,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().ok_or_else(|| format!("{k} needs a value"));
+        match k.as_str() {
+            "--socket" => a.socket = v()?.into(),
+            "--scenario" => a.scenario = v()?,
+            "--size" => a.size = size(&v()?)? as usize,
+            "--threads" => a.threads = v()?.parse().map_err(|e| format!("--threads: {e}"))?,
+            "--seed" => a.seed = v()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--local-limit" => a.limit = size(&v()?)?,
+            "--rounds" => a.rounds = v()?.parse().map_err(|e| format!("--rounds: {e}"))?,
+            _ => return Err(format!("unknown argument {k}")),
+        }
+    }
+    if a.socket.as_os_str().is_empty() {
+        return Err("--socket is required".into());
+    }
+    Ok(a)
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    dmem_memnode::size::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// The 8-byte word `w` of page `p` at version `v`.
+fn word(seed: u64, p: usize, w: usize, v: u64) -> u64 {
+    let mut x = seed ^ (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (v << 48) ^ (w as u64);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x | 1 // never zero: a zeroed page never passes
+}
+
+struct Mem {
+    base: *mut u64,
+    pages: usize,
+    seed: u64,
+}
+
+// SAFETY: the workload partitions pages between threads or only reads shared ones.
+unsafe impl Sync for Mem {}
+
+impl Mem {
+    fn page(&self, p: usize) -> *mut u64 {
+        assert!(p < self.pages);
+        // SAFETY: p is inside the arena (checked above).
+        unsafe { self.base.add(p * PAGE / 8) }
+    }
+
+    fn write(&self, p: usize, v: u64) {
+        let ptr = self.page(p);
+        for w in 0..PAGE / 8 {
+            // SAFETY: inside page p of the arena; volatile so every word
+            // really touches managed memory.
+            unsafe { ptr.wrapping_add(w).write_volatile(word(self.seed, p, w, v)) };
+        }
+    }
+
+    /// Checks page p holds version v (0 = never written: zeros).
+    fn check(&self, p: usize, v: u64) -> Result<(), String> {
+        let ptr = self.page(p);
+        for w in 0..PAGE / 8 {
+            // SAFETY: inside page p of the arena.
+            let got = unsafe { ptr.wrapping_add(w).read_volatile() };
+            let want = if v == 0 { 0 } else { word(self.seed, p, w, v) };
+            if got != want {
+                return Err(format!(
+                    "page {p} word {w}: got {got:#018x}, want {want:#018x} (version {v}){}",
+                    if got == 0 { " -- ZEROS" } else { "" }
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("dmem-workload: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let arena = (args.size * 2).max(4 << 20);
+    let session = match AppSession::attach(&AppConfig {
+        socket: args.socket.clone(),
+        arena_len: arena,
+        local_limit: args.limit,
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dmem-workload: cannot attach: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mem = Mem {
+        base: session.arena_ptr().cast(),
+        pages: args.size / PAGE,
+        seed: args.seed,
+    };
+    let t0 = Instant::now();
+    let r = match args.scenario.as_str() {
+        "seq" => seq(&mem, args.rounds),
+        "random" => random(&mem, args.rounds, args.seed),
+        "zero" => zero(&mem),
+        "threads" => threads(&mem, args.threads, args.rounds, args.seed),
+        "madvise" => madvise(&mem),
+        "mremap" => mremap(&mem, &session),
+        "munmap" => munmap(&mem),
+        "scan" => scan(&mem, args.rounds),
+        other => Err(format!("unknown scenario {other}")),
+    };
+    match r {
+        Ok(extra) => {
+            println!(
+                "{{\"ok\":true,\"scenario\":\"{}\",\"pages\":{},\"seconds\":{:.3}{extra}}}",
+                args.scenario,
+                mem.pages,
+                t0.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dmem-workload: WRONG DATA: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Write everything, verify everything, rewrite, verify again.
+fn seq(m: &Mem, rounds: usize) -> Result<String, String> {
+    for v in 1..=rounds as u64 {
+        for p in 0..m.pages {
+            m.write(p, v);
+        }
+        for p in 0..m.pages {
+            m.check(p, v)?;
+        }
+    }
+    Ok(String::new())
+}
+
+/// Sequential read scans over data written once (clean evictions).
+fn scan(m: &Mem, rounds: usize) -> Result<String, String> {
+    for p in 0..m.pages {
+        m.write(p, 1);
+    }
+    let t = Instant::now();
+    for _ in 0..rounds {
+        for p in 0..m.pages {
+            m.check(p, 1)?;
+        }
+    }
+    let gbps = (m.pages * PAGE * rounds) as f64 / t.elapsed().as_secs_f64() / 1e9;
+    Ok(format!(",\"scan_gbps\":{gbps:.3}"))
+}
+
+/// Random writes and reads against a shadow of versions.
+fn random(m: &Mem, rounds: usize, seed: u64) -> Result<String, String> {
+    let mut ver = vec![0u64; m.pages];
+    let mut rng = Rng(seed | 1);
+    for _ in 0..rounds * m.pages {
+        let p = rng.below(m.pages);
+        if rng.next().is_multiple_of(3) {
+            m.check(p, ver[p])?;
+        } else {
+            ver[p] += 1;
+            m.write(p, ver[p]);
+        }
+    }
+    for (p, &v) in ver.iter().enumerate() {
+        m.check(p, v)?;
+    }
+    Ok(String::new())
+}
+
+/// Untouched memory reads as zeros, even after other pages are evicted.
+fn zero(m: &Mem) -> Result<String, String> {
+    let half = m.pages / 2;
+    for p in 0..half {
+        m.write(p, 1);
+    }
+    for p in half..m.pages {
+        m.check(p, 0)?;
+    }
+    for p in 0..half {
+        m.check(p, 1)?;
+    }
+    Ok(String::new())
+}
+
+/// Threads on disjoint pages plus readers of a shared read-only range.
+fn threads(m: &Mem, n: usize, rounds: usize, seed: u64) -> Result<String, String> {
+    let shared = m.pages / 4;
+    for p in 0..shared {
+        m.write(p, 1);
+    }
+    let err = Arc::new(std::sync::Mutex::new(None::<String>));
+    let done = AtomicU64::new(0);
+    std::thread::scope(|sc| {
+        for t in 0..n {
+            let err = Arc::clone(&err);
+            let done = &done;
+            sc.spawn(move || {
+                let mut rng = Rng((seed + t as u64 + 1) * 0x2545F491);
+                let mine: Vec<usize> = (shared..m.pages).filter(|p| p % n == t).collect();
+                let mut ver = vec![0u64; mine.len()];
+                let mut run = || -> Result<(), String> {
+                    for _ in 0..rounds * mine.len().max(1) {
+                        let i = rng.below(mine.len().max(1));
+                        match rng.next() % 4 {
+                            0 => m.check(rng.below(shared.max(1)), 1)?,
+                            1 => m.check(mine[i], ver[i])?,
+                            _ => {
+                                ver[i] += 1;
+                                m.write(mine[i], ver[i]);
+                            }
+                        }
+                    }
+                    for (i, &p) in mine.iter().enumerate() {
+                        m.check(p, ver[i])?;
+                    }
+                    Ok(())
+                };
+                if let Err(e) = run() {
+                    *err.lock().unwrap() = Some(e);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+    });
+    let e = err.lock().unwrap().take();
+    match e {
+        Some(e) => Err(e),
+        None => Ok(String::new()),
+    }
+}
+
+fn madv(m: &Mem, first: usize, n: usize, advice: i32) -> Result<(), String> {
+    // SAFETY: the range is inside the arena; DONTNEED only drops contents.
+    let rc = unsafe { libc::madvise(m.page(first).cast(), n * PAGE, advice) };
+    if rc != 0 {
+        return Err(format!(
+            "madvise failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// madvise(DONTNEED) of written (resident, cached and remote) pages reads zeros.
+fn madvise(m: &Mem) -> Result<String, String> {
+    for p in 0..m.pages {
+        m.write(p, 1);
+    }
+    // Drop every other 16-page run, across the whole range: some of it is
+    // resident, some in the cache tier, some on the memory node.
+    for first in (0..m.pages).step_by(32) {
+        madv(m, first, 16.min(m.pages - first), libc::MADV_DONTNEED)?;
+    }
+    for p in 0..m.pages {
+        let dropped = (p % 32) < 16;
+        m.check(p, if dropped { 0 } else { 1 })?;
+    }
+    // And it is usable again afterwards.
+    for p in 0..m.pages {
+        m.write(p, 2);
+    }
+    for p in 0..m.pages {
+        m.check(p, 2)?;
+    }
+    Ok(String::new())
+}
+
+/// mremap moves managed pages (wherever they are) to a new address.
+fn mremap(m: &Mem, s: &AppSession) -> Result<String, String> {
+    let half = m.pages;
+    for p in 0..half {
+        m.write(p, 1);
+    }
+    // Move the first half of the data to the second half of the arena
+    // (the arena is twice the workload size).
+    let src = m.page(0).cast::<libc::c_void>();
+    // SAFETY: the arena has 2 * pages pages; the destination is its upper half.
+    let dst = unsafe { s.arena_ptr().add(half * PAGE) }.cast::<libc::c_void>();
+    let n = half / 2 * PAGE;
+    // SAFETY: both ranges lie inside the arena this process owns.
+    let r = unsafe { libc::mremap(src, n, n, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, dst) };
+    if r == libc::MAP_FAILED {
+        return Err(format!(
+            "mremap failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let moved = Mem {
+        base: dst.cast(),
+        pages: half / 2,
+        seed: m.seed,
+    };
+    // Same content, at the new place (its page index is the old one).
+    for p in 0..half / 2 {
+        let ptr = moved.page(p);
+        for w in 0..PAGE / 8 {
+            // SAFETY: inside the moved range.
+            let got = unsafe { ptr.wrapping_add(w).read_volatile() };
+            if got != word(m.seed, p, w, 1) {
+                return Err(format!("moved page {p} word {w}: got {got:#x}"));
+            }
+        }
+    }
+    for p in half / 2..half {
+        m.check(p, 1)?;
+    }
+    Ok(String::new())
+}
+
+/// munmap then mmap again at the same place (re-registered): zeros.
+fn munmap(m: &Mem) -> Result<String, String> {
+    for p in 0..m.pages {
+        m.write(p, 1);
+    }
+    let n = m.pages / 4;
+    let at = m.page(0).cast::<libc::c_void>();
+    // SAFETY: the range is the first quarter of this process's arena.
+    if unsafe { libc::munmap(at, n * PAGE) } != 0 {
+        return Err("munmap failed".into());
+    }
+    for p in n..m.pages {
+        m.check(p, 1)?;
+    }
+    Ok(format!(",\"unmapped_pages\":{n}"))
+}
