@@ -241,10 +241,10 @@ fn register(pager: &Arc<Pager>, r: Register, uffd: OwnedFd, conn: OwnedFd) {
         {
             // The detector works in blocks.
             let bp = pager.cfg.block / PAGE;
-            Prefetcher::new(
-                (pager.cfg.prefetch_min / bp).max(1),
-                pager.cfg.prefetch_max / bp,
-            )
+            // Windows never exceed one eviction batch: that is the room
+            // the evictor keeps free below the limit.
+            let max = pager.cfg.prefetch_max.min(Session::batch_for(limit_pages));
+            Prefetcher::new((pager.cfg.prefetch_min / bp).max(1), max / bp)
         },
     ));
     pager.start_session(s);

@@ -37,8 +37,8 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
     let mut warned = false;
     while !s.is_dead() {
         s.wait_kick(Duration::from_millis(20));
-        let high = s.limit_pages.saturating_sub(s.batch);
-        let low = s.limit_pages.saturating_sub(2 * s.batch);
+        let high = s.limit_pages.saturating_sub(2 * s.batch);
+        let low = s.limit_pages.saturating_sub(3 * s.batch);
         let (local, cached) = {
             let st = s.lock();
             (Session::local(&st), st.counts.cached)
@@ -95,6 +95,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
     let t0 = Instant::now();
     let mut victims: Vec<Victim> = Vec::with_capacity(s.batch);
     let mut entries: Vec<EvictEntry> = Vec::with_capacity(s.batch);
+    let mut dirty: Vec<u64> = Vec::new();
     {
         let _r = s.mm.read().unwrap_or_else(|p| p.into_inner());
         let mut st = s.lock();
@@ -113,8 +114,10 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                 continue;
             }
             let m = *m;
-            let zero_clean = !m.dirty() && m.slot == NO_SLOT;
-            let frame = if zero_clean {
+            // Clean pages whose content is zeros or part of a stream are
+            // dropped; others get a cache frame, their second chance.
+            let drop_clean = !m.dirty() && (m.slot == NO_SLOT || m.has(flag::STREAMED));
+            let frame = if drop_clean {
                 NO_FRAME
             } else if to_cache {
                 pager.cache.alloc().unwrap_or(NO_FRAME)
@@ -126,20 +129,12 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                 st.push_resident(page);
                 continue;
             }
-            // Freeze the content: writers now wait in the pager.
-            match sys::uffd_writeprotect(s.uffd(), page, PAGE, true) {
-                Ok(Fill::Done) => {}
-                _ => {
-                    if frame != NO_FRAME {
-                        pager.cache.release(frame);
-                    }
-                    st.push_resident(page);
-                    continue;
-                }
-            }
             st.place(page, Place::Evicting);
             if let Some(m) = st.table.get_mut(page) {
                 m.set(flag::OUR_REMOVE);
+            }
+            if m.dirty() {
+                dirty.push(page);
             }
             let slot = if frame == NO_FRAME {
                 NO_COPY
@@ -149,12 +144,42 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             entries.push(EvictEntry { addr: page, slot });
             victims.push(Victim { page, frame });
         }
+        // Freeze the content of dirty victims: writers now wait in the
+        // pager. Clean ones are write-protected already (that is how they
+        // stay clean). One ioctl per contiguous run.
+        let failed = write_protect_runs(s, &dirty);
+        if !failed.is_empty() {
+            // An address-space event is pending: keep those pages for later.
+            let mut k = 0;
+            while k < victims.len() {
+                if failed.contains(&victims[k].page) {
+                    let v = victims.remove(k);
+                    entries.remove(k);
+                    if v.frame != NO_FRAME {
+                        pager.cache.release(v.frame);
+                    }
+                    if let Some(m) = st.table.get_mut(v.page) {
+                        m.clear(flag::OUR_REMOVE);
+                    }
+                    st.place(v.page, Place::Resident);
+                    st.push_resident(v.page);
+                } else {
+                    k += 1;
+                }
+            }
+            for (i, e) in entries.iter_mut().enumerate() {
+                if e.slot != NO_COPY {
+                    e.slot = i as u32;
+                }
+            }
+        }
     }
     if victims.is_empty() {
         return false;
     }
     // Staging slots are indexed by victim position; the staging area holds
     // a whole batch.
+    let t_prep = t0.elapsed();
     let batch = s
         .next_batch
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -179,6 +204,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             return false;
         }
     };
+    let t_agent = t0.elapsed();
     let c = &s.counters;
     let mut page_buf = vec![0u8; PAGE];
     {
@@ -221,11 +247,36 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
         }
     }
     // Writers that hit a victim wait for this: they fault again and find it.
-    for v in &victims {
-        s.wake(v.page, PAGE);
-    }
+    s.wake_pages(victims.iter().map(|v| v.page));
+    debug!(
+        session = s.id,
+        pages = victims.len(),
+        copied = entries.iter().filter(|e| e.slot != NO_COPY).count(),
+        prep_us = t_prep.as_micros() as u64,
+        agent_us = (t_agent - t_prep).as_micros() as u64,
+        total_us = t0.elapsed().as_micros() as u64,
+        "evicted"
+    );
     Latencies::record(&s.lat.evict, t0.elapsed());
     true
+}
+
+/// Write-protects `pages` in contiguous runs; returns the pages of runs
+/// that could not be protected now.
+fn write_protect_runs(s: &Session, pages: &[u64]) -> Vec<u64> {
+    let mut failed = Vec::new();
+    let mut i = 0;
+    while i < pages.len() {
+        let mut j = i + 1;
+        while j < pages.len() && pages[j] == pages[j - 1] + PAGE as u64 {
+            j += 1;
+        }
+        if sys::uffd_writeprotect(s.uffd(), pages[i], (j - i) * PAGE, true) != Ok(Fill::Done) {
+            failed.extend_from_slice(&pages[i..j]);
+        }
+        i = j;
+    }
+    failed
 }
 
 /// Waits for the agent's answer to batch `batch`.
@@ -358,15 +409,11 @@ fn shrink_cache(s: &Session, pager: &Pager) -> bool {
                 }
             }
             drop(st);
-            for &(page, _) in &pages {
-                s.wake(page, PAGE);
-            }
+            s.wake_pages(pages.iter().map(|p| p.0));
             return dropped > 0;
         }
     }
     drop(st);
-    for &(page, _) in &pages {
-        s.wake(page, PAGE);
-    }
+    s.wake_pages(pages.iter().map(|p| p.0));
     true
 }

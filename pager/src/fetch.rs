@@ -27,9 +27,12 @@ pub struct Claimed {
 
 pub struct FetchJob {
     pub session: Arc<Session>,
-    pub fault: Fault,
+    /// The demand fault, if any (a marker hit only prefetches).
+    pub fault: Option<Fault>,
     pub demand: Vec<Claimed>,
     pub prefetch: Vec<Claimed>,
+    /// The window's marker page, kept out of the app.
+    pub marker: Option<u64>,
     /// Install prefetched pages into the app (else into the cache tier).
     pub direct: bool,
 }
@@ -41,7 +44,9 @@ fn claim_page(st: &mut State, page: u64, prefetched: bool) -> Option<Claimed> {
     }
     m.gen = m.gen.wrapping_add(1);
     if prefetched {
-        m.set(flag::PREFETCHED);
+        m.set(flag::PREFETCHED | flag::STREAMED);
+    } else {
+        m.clear(flag::STREAMED);
     }
     let c = Claimed {
         page,
@@ -53,7 +58,7 @@ fn claim_page(st: &mut State, page: u64, prefetched: bool) -> Option<Claimed> {
     Some(c)
 }
 
-/// Claims the faulting page's block and the prefetch window (reader side).
+/// Claims the faulting page's block and plans the prefetch (reader side).
 pub fn claim(session: &Arc<Session>, pager: &Pager, st: &mut State, f: &Fault) -> FetchJob {
     let block = st.table.block_of(f.page, pager.cfg.block);
     let mut demand = Vec::new();
@@ -64,16 +69,25 @@ pub fn claim(session: &Arc<Session>, pager: &Pager, st: &mut State, f: &Fault) -
         }
         p += PAGE as u64;
     }
+    let mut job = plan_prefetch(session, pager, st, f.page);
+    job.fault = Some(*f);
+    job.demand = demand;
+    job
+}
+
+/// Feeds a non-local fault to the stream detector and claims the pages of
+/// the window it asks for. The job may carry no page at all.
+pub fn plan_prefetch(session: &Arc<Session>, pager: &Pager, st: &mut State, page: u64) -> FetchJob {
     let block_pages = (pager.cfg.block / PAGE) as i64;
     let outcome = st
         .prefetch
-        .on_fault((f.page / PAGE as u64) as i64 / block_pages);
+        .on_fault((page / PAGE as u64) as i64 / block_pages);
     let c = &session.counters;
     if outcome.consumed > 0 {
-        // The stream went past the last window: those pages were used.
+        // The stream reached the marker: the last window was used.
         for pg in std::mem::take(&mut st.last_prefetch) {
             if let Some(m) = st.table.get_mut(pg) {
-                if m.has(flag::PREFETCHED) {
+                if m.has(flag::PREFETCHED) && m.place == Place::Resident {
                     m.clear(flag::PREFETCHED);
                     c.add(&c.prefetch_hits, 1);
                 }
@@ -81,6 +95,7 @@ pub fn claim(session: &Arc<Session>, pager: &Pager, st: &mut State, f: &Fault) -
         }
     }
     let mut prefetch = Vec::new();
+    let mut marker = None;
     if let Some(plan) = outcome.plan {
         for k in 0..plan.count as i64 {
             let b = plan.start + k * plan.stride;
@@ -93,6 +108,9 @@ pub fn claim(session: &Arc<Session>, pager: &Pager, st: &mut State, f: &Fault) -
                     continue;
                 }
                 if let Some(cl) = claim_page(st, pg, true) {
+                    if b == plan.marker && i == 0 {
+                        marker = Some(pg);
+                    }
                     prefetch.push(cl);
                 }
             }
@@ -100,13 +118,13 @@ pub fn claim(session: &Arc<Session>, pager: &Pager, st: &mut State, f: &Fault) -
         st.last_prefetch = prefetch.iter().map(|c| c.page).collect();
         c.add(&c.prefetch_issued, prefetch.len() as u64);
     }
-    let room = session.limit_pages.saturating_sub(session.batch);
-    let direct = Session::local(st) + demand.len() + prefetch.len() <= room;
+    let direct = Session::local(st) + prefetch.len() < session.limit_pages;
     FetchJob {
         session: Arc::clone(session),
-        fault: *f,
-        demand,
+        fault: None,
+        demand: Vec::new(),
         prefetch,
+        marker,
         direct,
     }
 }
@@ -127,36 +145,64 @@ pub fn run(job: FetchJob, pager: &Pager) {
         Ok(x) => x,
         Err(e) => return lost(s, pager, &job.demand, e),
     };
-    if let Err(e) = demand.finish_read(dpost, &mut dbuf) {
-        return lost(s, pager, &job.demand, e);
-    }
-    if !verify(s, pager, &job.demand, &dbuf) {
-        return;
-    }
-    Latencies::record(&s.lat.fetch, t0.elapsed());
     let c = &s.counters;
-    c.add(&c.bytes_fetched, dbuf.len() as u64);
-    c.add(&c.faults_remote, 1);
-    install(s, pager, &job.demand, &dbuf, Some(&job.fault));
-
+    if !job.demand.is_empty() {
+        if let Err(e) = demand.finish_read(dpost, &mut dbuf) {
+            return lost(s, pager, &job.demand, e);
+        }
+        if !verify(s, pager, &job.demand, &dbuf) {
+            return;
+        }
+        Latencies::record(&s.lat.fetch, t0.elapsed());
+        c.add(&c.bytes_fetched, dbuf.len() as u64);
+        c.add(&c.faults_remote, 1);
+        install(s, pager, &job.demand, &dbuf, job.fault.as_ref());
+    }
     if job.prefetch.is_empty() {
         return;
     }
-    match pf.finish_read(ppost, &mut pbuf) {
-        Ok(()) => {}
-        Err(_) => {
-            // The demand path reports lost data; here just give the pages back.
-            let mut st = s.lock();
-            revert(s, &mut st, &job.prefetch);
-            return;
-        }
+    if pf.finish_read(ppost, &mut pbuf).is_err() {
+        // A demand fault reports lost data; here just give the pages back.
+        let mut st = s.lock();
+        revert(s, &mut st, &job.prefetch);
+        return;
     }
     if !verify(s, pager, &job.prefetch, &pbuf) {
         return;
     }
     c.add(&c.bytes_fetched, pbuf.len() as u64);
+    tracing::debug!(
+        session = s.id,
+        pages = job.prefetch.len(),
+        first = format!("{:#x}", job.prefetch[0].page),
+        marker = ?job.marker,
+        direct = job.direct,
+        "prefetched"
+    );
     if job.direct {
-        install(s, pager, &job.prefetch, &pbuf, None);
+        // Everything but the marker goes straight into the app.
+        let split = job
+            .marker
+            .and_then(|m| job.prefetch.iter().position(|c| c.page == m));
+        match split {
+            Some(k) => {
+                install(s, pager, &job.prefetch[..k], &pbuf[..k * PAGE], None);
+                to_cache(
+                    s,
+                    pager,
+                    &job.prefetch[k..=k],
+                    &pbuf[k * PAGE..(k + 1) * PAGE],
+                );
+                install(
+                    s,
+                    pager,
+                    &job.prefetch[k + 1..],
+                    &pbuf[(k + 1) * PAGE..],
+                    None,
+                );
+            }
+            None => install(s, pager, &job.prefetch, &pbuf, None),
+        }
     } else {
         to_cache(s, pager, &job.prefetch, &pbuf);
     }
@@ -214,19 +260,22 @@ fn verify(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8]) -> bool {
     true
 }
 
-/// Installs fetched pages still wanted, in contiguous runs.
+/// Installs fetched pages still wanted, in contiguous runs. A run that
+/// meets a pending address-space event (EAGAIN) is retried once the uffd
+/// reader has read it; the app is only woken to fault again if that keeps
+/// failing.
 fn install(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8], fault: Option<&Fault>) {
-    let _r = s.mm.read().unwrap_or_else(|p| p.into_inner());
-    let mut st = s.lock();
     let still = |st: &State, c: &Claimed| {
         st.table
             .get(c.page)
             .is_some_and(|m| m.place == Place::Fetching && m.gen == c.gen)
     };
-    let mut fill_fault = Fill::Retry;
     let mut fault_done = false;
     let mut i = 0;
+    let mut attempts = 0;
     while i < pages.len() {
+        let _r = s.mm.read().unwrap_or_else(|p| p.into_inner());
+        let mut st = s.lock();
         if !still(&st, &pages[i]) {
             i += 1;
             continue;
@@ -241,20 +290,32 @@ fn install(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8], fault: Opt
         let len = (j - i) * PAGE;
         let (fill, n) = s.install(&mut st, pages[i].page, buf[i * PAGE..].as_ptr(), len, fault);
         if let Some(f) = fault {
-            if f.page >= pages[i].page && f.page < pages[i].page + len as u64 {
-                fill_fault = fill;
-                fault_done = f.page < pages[i].page + (n * PAGE) as u64;
-            }
+            fault_done |= f.page >= pages[i].page && f.page < pages[i].page + (n * PAGE) as u64;
         }
-        revert(s, &mut st, &pages[i + n..j]);
-        i = j;
+        i += n;
+        if i < j {
+            if fill == Fill::Retry && attempts < RETRIES {
+                attempts += 1;
+                drop(st);
+                drop(_r);
+                std::thread::sleep(std::time::Duration::from_micros(20));
+                continue;
+            }
+            revert(s, &mut st, &pages[i..j]);
+            i = j;
+        }
     }
-    drop(st);
+    if Session::local(&s.lock()) + 2 * s.batch >= s.limit_pages {
+        s.kick_evictor();
+    }
     if let Some(f) = fault {
         let _ = pager;
-        s.finish(fill_fault, f, fault_done);
+        s.finish(f, fault_done);
     }
 }
+
+/// Times an install waits out pending address-space events before giving up.
+const RETRIES: usize = 200;
 
 /// Prefetched pages into cache frames (no room in the app).
 fn to_cache(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8]) {
@@ -281,7 +342,5 @@ fn to_cache(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8]) {
     }
     drop(st);
     // Faults that arrived meanwhile wait on these pages.
-    for c in pages {
-        s.wake(c.page, PAGE);
-    }
+    s.wake_pages(pages.iter().map(|c| c.page));
 }

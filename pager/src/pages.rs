@@ -48,6 +48,10 @@ pub mod flag {
     pub const IN_RESIDENT_FIFO: u8 = 16;
     /// Queued in the cache FIFO.
     pub const IN_CACHE_FIFO: u8 = 32;
+    /// Last brought in by the prefetcher as part of a stream: when clean, it
+    /// is dropped at eviction instead of taking a cache frame (a stream
+    /// rarely comes back soon).
+    pub const STREAMED: u8 = 64;
 }
 
 /// 16 bytes per page.

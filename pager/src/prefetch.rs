@@ -1,12 +1,15 @@
-//! Stream detection for prefetch, per app. Demand faults that reach a
-//! memory node feed a short history; when most recent deltas agree
-//! (majority trend, as in Leap), the stride is taken as a stream and the
-//! next `window` pages along it are fetched. A fault exactly where the last
-//! window ended means the window was consumed: the window doubles, up to
-//! the maximum. Anything else starts over with the initial window.
+//! Stream detection for prefetch, per app. Faults that are not served
+//! locally feed a short history; when most recent deltas agree (majority
+//! trend, as in Leap), the stride is taken as a stream and the next
+//! `window` pages along it are fetched.
 //!
 //! Pages installed ahead of use cannot be seen being read (no access bits),
-//! so a stream continuing past a window counts that window's pages as hits.
+//! so each window leaves one page out, its *marker* in the middle of the
+//! window, kept in the cache tier (like the kernel's readahead marker). The
+//! app's fault on the marker says the stream is alive and half the window
+//! is left: the next window is fetched (twice as large, up to the maximum)
+//! while the app consumes that half. Any other fault starts over with the
+//! initial window.
 
 const HISTORY: usize = 8;
 
@@ -18,6 +21,18 @@ pub struct Plan {
     pub count: usize,
     /// Distance between them, in pages (negative for descending streams).
     pub stride: i64,
+    /// The page to leave out of the app (kept in the cache tier).
+    pub marker: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    marker: i64,
+    /// Next page number the stream will prefetch.
+    frontier: i64,
+    stride: i64,
+    /// Size of the window the marker belongs to.
+    issued: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -27,9 +42,7 @@ pub struct Prefetcher {
     min_window: usize,
     max_window: usize,
     window: usize,
-    /// Where the current stream's next demand fault is expected, and the
-    /// window issued before it.
-    expect: Option<(i64, i64, usize)>,
+    stream: Option<Stream>,
 }
 
 /// What a fault told the detector.
@@ -40,16 +53,22 @@ pub struct Outcome {
     pub consumed: usize,
 }
 
+const NOTHING: Outcome = Outcome {
+    plan: None,
+    consumed: 0,
+};
+
 impl Prefetcher {
     /// Windows in pages; `max_window == 0` disables prefetch.
     pub fn new(min_window: usize, max_window: usize) -> Prefetcher {
+        let min_window = min_window.min(max_window).max(1);
         Prefetcher {
             hist: [0; HISTORY],
             len: 0,
             min_window,
             max_window,
             window: min_window,
-            expect: None,
+            stream: None,
         }
     }
 
@@ -81,52 +100,47 @@ impl Prefetcher {
         (cand != 0 && n * 2 > deltas.len()).then_some(cand)
     }
 
-    /// A demand fault on page number `page` that had to go remote.
+    /// A fault on page number `page` that was not served from the app's
+    /// own memory (cache tier or memory node).
     pub fn on_fault(&mut self, page: i64) -> Outcome {
         if self.max_window == 0 {
-            return Outcome {
-                plan: None,
-                consumed: 0,
-            };
+            return NOTHING;
         }
-        if let Some((next, stride, issued)) = self.expect {
-            if page == next {
-                // The stream went through the whole window: grow it.
+        if let Some(s) = self.stream {
+            if page == s.marker {
+                // The stream reached the marker: fetch the next window.
                 self.window = (self.window * 2).min(self.max_window);
                 self.push(page);
-                return self.issue(page, stride, issued);
+                return self.issue(s.frontier, s.stride, s.issued);
             }
         }
         self.push(page);
+        self.window = self.min_window;
         match self.trend() {
-            Some(stride) => {
-                self.window = self.min_window;
-                self.issue(page, stride, 0)
-            }
+            Some(stride) => self.issue(page + stride, stride, 0),
             None => {
-                self.window = self.min_window;
-                self.expect = None;
-                Outcome {
-                    plan: None,
-                    consumed: 0,
-                }
+                self.stream = None;
+                NOTHING
             }
         }
     }
 
-    fn issue(&mut self, page: i64, stride: i64, consumed: usize) -> Outcome {
-        let plan = Plan {
-            start: page + stride,
-            count: self.window,
+    fn issue(&mut self, start: i64, stride: i64, consumed: usize) -> Outcome {
+        let count = self.window;
+        let marker = start + stride * (count as i64 / 2);
+        self.stream = Some(Stream {
+            marker,
+            frontier: start + stride * count as i64,
             stride,
-        };
-        self.expect = Some((
-            page + stride * (self.window as i64 + 1),
-            stride,
-            self.window,
-        ));
+            issued: count,
+        });
         Outcome {
-            plan: Some(plan),
+            plan: Some(Plan {
+                start,
+                count,
+                stride,
+                marker,
+            }),
             consumed,
         }
     }
@@ -137,25 +151,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sequential_stream_grows_window() {
+    fn sequential_stream_grows_window_at_markers() {
         let mut p = Prefetcher::new(16, 1024);
         assert_eq!(p.on_fault(100).plan, None);
         assert_eq!(p.on_fault(101).plan, None);
-        let o = p.on_fault(102);
+        let plan = p.on_fault(102).plan.unwrap();
         assert_eq!(
-            o.plan,
-            Some(Plan {
+            plan,
+            Plan {
                 start: 103,
                 count: 16,
-                stride: 1
-            })
+                stride: 1,
+                marker: 111
+            }
         );
-        // Next demand fault right after the window: window consumed, doubled.
-        let o = p.on_fault(103 + 16);
+        // The app reaches the marker: the next window starts where the last
+        // one ended, twice as large, with its own marker in the middle.
+        let o = p.on_fault(111);
         assert_eq!(o.consumed, 16);
-        assert_eq!(o.plan.unwrap().count, 32);
-        let o = p.on_fault(120 + 32);
-        assert_eq!(o.plan.unwrap().count, 64);
+        let plan = o.plan.unwrap();
+        assert_eq!((plan.start, plan.count, plan.marker), (119, 32, 135));
+        let plan = p.on_fault(135).plan.unwrap();
+        assert_eq!((plan.start, plan.count), (151, 64));
+    }
+
+    #[test]
+    fn window_is_capped() {
+        let mut p = Prefetcher::new(16, 32);
+        for x in [0, 1, 2] {
+            p.on_fault(x);
+        }
+        let m = p.stream.unwrap().marker;
+        let m = p.on_fault(m).plan.unwrap().marker;
+        assert_eq!(p.on_fault(m).plan.unwrap().count, 32);
     }
 
     #[test]
@@ -177,7 +205,8 @@ mod tests {
         for x in [100, 99, 98] {
             p.on_fault(x);
         }
-        assert_eq!(p.on_fault(97).plan.unwrap().stride, -1);
+        let plan = p.on_fault(97).plan.unwrap();
+        assert_eq!((plan.stride, plan.start, plan.marker), (-1, 96, 94));
     }
 
     #[test]

@@ -147,7 +147,8 @@ impl Session {
         sock: OwnedFd,
         prefetch: Prefetcher,
     ) -> Session {
-        let batch = (limit_pages / 16).clamp(8, wire::MAX_BATCH.min(staging.len() / PAGE));
+        let batch = Self::batch_for(limit_pages);
+        debug_assert!(batch <= staging.len() / PAGE);
         // SAFETY: the descriptor was received over SCM_RIGHTS, checked to be
         // a userfaultfd, and is owned by nothing else.
         let uffd = unsafe { <Uffd as std::os::fd::FromRawFd>::from_raw_fd(into_raw(uffd)) };
@@ -176,6 +177,13 @@ impl Session {
             kick: (Mutex::new(false), Condvar::new()),
             next_batch: AtomicU64::new(1),
         }
+    }
+
+    /// Eviction batch for a limit: 1/32 of it, within 8..=MAX_BATCH pages.
+    /// Eviction starts two batches below the limit and stops at three, so
+    /// a prefetch window (at most one batch) always has room.
+    pub fn batch_for(limit_pages: usize) -> usize {
+        (limit_pages / 32).clamp(8, wire::MAX_BATCH)
     }
 
     pub fn uffd(&self) -> RawFd {
@@ -213,6 +221,25 @@ impl Session {
                 .unwrap_or_else(|p| p.into_inner().0);
         }
         *k = false;
+    }
+
+    /// Wakes threads faulting on any of `pages` (sorted or not), one ioctl
+    /// per contiguous run.
+    pub fn wake_pages(&self, pages: impl IntoIterator<Item = u64>) {
+        let mut run: Option<(u64, u64)> = None;
+        for p in pages {
+            run = match run {
+                Some((a, b)) if p == b => Some((a, b + PAGE as u64)),
+                Some((a, b)) => {
+                    self.wake(a, (b - a) as usize);
+                    Some((p, p + PAGE as u64))
+                }
+                None => Some((p, p + PAGE as u64)),
+            };
+        }
+        if let Some((a, b)) = run {
+            self.wake(a, (b - a) as usize);
+        }
     }
 
     /// Wakes threads faulting anywhere in the range.
@@ -254,24 +281,28 @@ impl Session {
         len: usize,
         fault: Option<&Fault>,
     ) -> (Fill, usize) {
-        let (fill, done) = copy_run(self.uffd(), dst, src, len);
+        // A write fault inside the range is woken only once its page is
+        // writable; otherwise the copy itself wakes the range.
+        let write_at = fault
+            .filter(|f| f.write && f.page >= dst && f.page < dst + len as u64)
+            .map(|f| f.page);
+        let (fill, done) = copy_run(self.uffd(), dst, src, len, write_at.is_none());
         let pages = done / PAGE;
         for i in 0..pages {
             let p = dst + (i * PAGE) as u64;
             st.place(p, Place::Resident);
             st.push_resident(p);
         }
-        if let Some(f) = fault {
-            let covered = f.page >= dst && f.page < dst + done as u64;
-            if covered && f.write {
-                if let Some(m) = st.table.get_mut(f.page) {
+        if let Some(page) = write_at {
+            if page < dst + done as u64 {
+                if let Some(m) = st.table.get_mut(page) {
                     m.set(flag::DIRTY);
                 }
-                let _ = sys::uffd_writeprotect(self.uffd(), f.page, PAGE, false);
+                let _ = sys::uffd_writeprotect(self.uffd(), page, PAGE, false);
             }
-        }
-        if done > 0 {
-            self.wake(dst, done);
+            if done > 0 {
+                self.wake(dst, done);
+            }
         }
         let peak = (Self::local(st) * PAGE) as u64;
         self.counters.peak(peak);
@@ -407,10 +438,10 @@ impl Session {
                     // Eviction is not keeping up at all: serve over the limit.
                     c.add(&c.limit_exceeded, 1);
                 }
-                if Self::local(&st) + 1 >= self.limit_pages.saturating_sub(self.batch) {
+                if Self::local(&st) + 1 >= self.limit_pages.saturating_sub(2 * self.batch) {
                     self.kick_evictor();
                 }
-                match m.place {
+                let retry = match m.place {
                     Place::Zero => self.fill_zero(pager, &mut st, &f),
                     Place::Cached => self.fill_from_cache(pager, &mut st, &f, m),
                     _ => {
@@ -418,7 +449,14 @@ impl Session {
                         drop(st);
                         drop(_r);
                         pager.dispatch(job);
+                        false
                     }
+                };
+                if retry {
+                    // An address-space event is pending (often the agent's
+                    // own DONTNEED): try again right after reading it, which
+                    // saves the app a wake-up and a second fault.
+                    return Some(f);
                 }
             }
         }
@@ -426,7 +464,8 @@ impl Session {
     }
 
     /// Never-touched page: zeros, with clean zero neighbours of its block.
-    fn fill_zero(&self, pager: &Pager, st: &mut State, f: &Fault) {
+    /// Returns true when the fault must be retried after pending events.
+    fn fill_zero(&self, pager: &Pager, st: &mut State, f: &Fault) -> bool {
         let block = st.table.block_of(f.page, pager.cfg.block);
         let mut lo = f.page;
         while lo > block.start
@@ -443,13 +482,27 @@ impl Session {
         }
         let len = (hi - lo) as usize;
         let (fill, n) = self.install(st, lo, pager.zeros.as_ptr(), len, Some(f));
+        let installed = f.page < lo + (n * PAGE) as u64;
+        if fill == Fill::Retry && !installed {
+            return true;
+        }
         self.counters.add(&self.counters.faults_zero, 1);
-        self.finish(fill, f, n == len / PAGE);
+        self.finish(f, installed);
+        false
     }
 
-    /// Page in a cache frame: one copy.
-    fn fill_from_cache(&self, pager: &Pager, st: &mut State, f: &Fault, m: PageMeta) {
+    /// Page in a cache frame: one copy. Returns true to retry later.
+    fn fill_from_cache(
+        self: &Arc<Self>,
+        pager: &Pager,
+        st: &mut State,
+        f: &Fault,
+        m: PageMeta,
+    ) -> bool {
         let (fill, n) = self.install(st, f.page, pager.cache.ptr(m.frame), PAGE, Some(f));
+        if fill == Fill::Retry && n == 0 {
+            return true;
+        }
         if n == 1 {
             pager.cache.release(m.frame);
             let c = &self.counters;
@@ -462,21 +515,25 @@ impl Session {
             }
             c.add(&c.faults_cache, 1);
         }
-        self.finish(fill, f, n == 1);
+        self.finish(f, n == 1);
+        if n == 1 {
+            // Cache faults feed the stream detector too: a prefetch marker
+            // lands here and starts the next window.
+            let job = crate::fetch::plan_prefetch(self, pager, st, f.page);
+            if !job.prefetch.is_empty() {
+                pager.dispatch(job);
+            }
+        }
+        false
     }
 
-    /// Ends a fault: records its latency, or wakes the thread to fault
-    /// again when the copy could not complete.
-    pub fn finish(&self, fill: Fill, f: &Fault, complete: bool) {
-        match fill {
-            Fill::Done if complete => {
-                Latencies::record(&self.lat.fault, f.at.elapsed());
-            }
-            Fill::Gone => {
-                debug!(session = self.id, "fault on a vanished range");
-                self.wake(f.page, PAGE);
-            }
-            _ => self.wake(f.page, PAGE),
+    /// Ends a fault: records its latency when its page was installed (the
+    /// install woke the thread), else wakes the thread to fault again.
+    pub fn finish(&self, f: &Fault, installed: bool) {
+        if installed {
+            Latencies::record(&self.lat.fault, f.at.elapsed());
+        } else {
+            self.wake(f.page, PAGE);
         }
     }
 
@@ -530,9 +587,11 @@ impl Session {
             let mut moved = m;
             moved.flags &= flag::DIRTY;
             moved.place = match m.place {
-                // The data travelled with the mapping; count it dirty, the
-                // eviction in flight for the old address will find nothing.
-                Place::Evicting => {
+                // The data travelled with the mapping. Count it dirty: the
+                // eviction in flight for the old address will find nothing,
+                // and clean pages must not rely on write-protect bits
+                // surviving the move.
+                Place::Evicting | Place::Resident => {
                     moved.flags |= flag::DIRTY;
                     Place::Resident
                 }
@@ -597,8 +656,8 @@ impl Session {
 
 /// UFFDIO_COPY of a run, reporting how much landed. Pages land in order;
 /// an error stops the run (the caller reverts what did not land).
-fn copy_run(uffd: RawFd, dst: u64, src: *const u8, len: usize) -> (Fill, usize) {
-    match sys::uffd_copy(uffd, dst, src, len, true, false) {
+fn copy_run(uffd: RawFd, dst: u64, src: *const u8, len: usize, wake: bool) -> (Fill, usize) {
+    match sys::uffd_copy(uffd, dst, src, len, true, wake) {
         Ok((fill, done)) => (fill, done),
         Err(e) => {
             warn!("UFFDIO_COPY failed: {e}");
