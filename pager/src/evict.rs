@@ -48,10 +48,11 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
         }
         let mut local = local;
         let mut cached = cached;
+        let mut no_space = false;
         while local > low && !s.is_dead() {
             let quota = cache_quota(s, pager);
             let progress = if cached >= quota || pager.cache.free_frames() < s.batch / 2 {
-                shrink_cache(s, pager) || evict_resident(s, pager, false)
+                shrink_cache(s, pager, &mut no_space) || evict_resident(s, pager, false)
             } else {
                 evict_resident(s, pager, true)
             };
@@ -59,6 +60,10 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
             local = Session::local(&st);
             cached = st.counts.cached;
             drop(st);
+            if !progress && !no_space {
+                // Nothing evictable right now (pages in transit): wait.
+                break;
+            }
             if !progress {
                 let mut st = s.lock();
                 if !st.stuck {
@@ -303,7 +308,8 @@ fn await_evicted(s: &Session, batch: u64, n: usize) -> Result<Vec<EvictStatus>, 
 }
 
 /// Moves the app's oldest cache pages out: drop clean, write back dirty.
-fn shrink_cache(s: &Session, pager: &Pager) -> bool {
+/// Sets `no_space` when dirty pages could not be placed on any memory node.
+fn shrink_cache(s: &Session, pager: &Pager, no_space: &mut bool) -> bool {
     let mut dropped = 0usize;
     let mut pages: Vec<(u64, u32)> = Vec::new(); // (page, old slot)
     let mut data: Vec<u8> = Vec::new();
@@ -390,6 +396,7 @@ fn shrink_cache(s: &Session, pager: &Pager) -> bool {
             }
         }
         Err((e, slots)) => {
+            *no_space = true;
             for s2 in slots {
                 pager.space.decref(s2);
             }
