@@ -5,8 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod daemon;
+mod fault;
+mod fault_worker;
 mod memnode;
 mod stats;
+mod sys;
+mod uffd_floor;
 
 #[derive(Parser, Debug)]
 #[command(name = "dmem-bench", version, about = "dmem benchmarks")]
@@ -20,12 +25,21 @@ enum Cmd {
     /// Memory-node data path against bare TCP floors measured in the same
     /// run: 4 KiB read latency, pipelined 64 KiB read/write throughput.
     Memnode(memnode::Args),
+    /// Page-fault latency under dmem (served from the cache tier and from a
+    /// memory node) and sequential scan throughput, against a bare uffd
+    /// round trip and a bare TCP ping-pong measured in the same run.
+    FaultLatency(fault::Args),
+    /// The app side of fault-latency (started by it; not for direct use).
+    #[command(hide = true)]
+    FaultWorker(fault_worker::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Memnode(a) => memnode::run(a),
+        Cmd::FaultLatency(a) => fault::run(a),
+        Cmd::FaultWorker(a) => fault_worker::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,17 +14,17 @@
 //! Headline figures are medians over rounds; ratios are memnode / floor.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dmem_memnode::client::{Client, ClientConfig, Pending};
 use dmem_memnode::protocol::Extent;
 use serde::Serialize;
 
+use crate::daemon::Daemon;
 use crate::stats::{latency_histogram, median, quantile_us, Rng};
 
 const PAGE: usize = 4096;
@@ -165,7 +165,7 @@ pub fn run(a: Args) -> Result<(), String> {
     let floors = Floors::start()?;
     let mut nodes = Vec::new();
     for m in modes {
-        let node = Node::start(&bin, m)?;
+        let node = start_node(&bin, m, "1G")?;
         let client = Client::connect(ClientConfig::new(node.addr.clone()))
             .map_err(|e| format!("connect to memnode ({m}): {e}"))?;
         prepare(&client)?;
@@ -192,7 +192,7 @@ pub fn run(a: Args) -> Result<(), String> {
         for who in &order {
             match who {
                 None => {
-                    let (p50, p99) = floors.ping_pong(samples)?;
+                    let (p50, p99) = floors.ping_pong(samples, Duration::ZERO)?;
                     (round.bare_tcp_p50_us, round.bare_tcp_p99_us) = (p50, p99);
                 }
                 Some(i) => {
@@ -362,52 +362,28 @@ fn print_table(r: &Report) {
     }
 }
 
-/// A `dmem-memnode` child process, killed on drop.
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-impl Node {
-    fn start(bin: &std::path::Path, io: &str) -> Result<Node, String> {
-        let mut child = Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--capacity", "1G", "--io", io])
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let first = lines.next();
-            let _ = tx.send(first);
-            for _ in lines {} // keep draining so the node never blocks on stdout
-        });
-        let mut node = Node {
-            child,
-            addr: String::new(),
-        };
-        let line = match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Some(Ok(l))) => l,
-            other => return Err(format!("dmem-memnode --io {io} did not start: {other:?}")),
-        };
-        node.addr = line
-            .strip_prefix("dmem-memnode listening on ")
-            .ok_or_else(|| format!("unexpected first line from dmem-memnode: {line:?}"))?
-            .trim()
-            .to_string();
-        Ok(node)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts a `dmem-memnode` on a loopback port with the given I/O mode and
+/// capacity; killed on drop.
+pub(crate) fn start_node(
+    bin: &std::path::Path,
+    io: &str,
+    capacity: &str,
+) -> Result<Daemon, String> {
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--capacity",
+        capacity,
+        "--io",
+        io,
+    ])
+    .env("RUST_LOG", "error");
+    Daemon::start(
+        cmd,
+        &format!("dmem-memnode --io {io} ({})", bin.display()),
+        "dmem-memnode listening on ",
+    )
 }
 
 /// Leases the slab and writes all of it.
@@ -512,13 +488,13 @@ fn pipelined(
 
 /// The bare-TCP floors: an in-process echo thread for ping-pong and a sink
 /// thread for streaming, each on a persistent loopback connection.
-struct Floors {
+pub(crate) struct Floors {
     ping: TcpStream,
     stream: TcpStream,
 }
 
 impl Floors {
-    fn start() -> Result<Floors, String> {
+    pub(crate) fn start() -> Result<Floors, String> {
         let io = |e: std::io::Error| format!("bare TCP floor: {e}");
         let ping_l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
         let sink_l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
@@ -549,8 +525,9 @@ impl Floors {
         Ok(Floors { ping, stream })
     }
 
-    /// 16 B request, 4 KiB reply, one at a time: (p50, p99) in µs.
-    fn ping_pong(&self, samples: usize) -> Result<(f64, f64), String> {
+    /// 16 B request, 4 KiB reply, one at a time, each after busy-waiting
+    /// `gap`: (p50, p99) in µs.
+    pub(crate) fn ping_pong(&self, samples: usize, gap: Duration) -> Result<(f64, f64), String> {
         let io = |e: std::io::Error| format!("bare ping-pong: {e}");
         let mut s = &self.ping;
         let req = [0x42u8; PING_REQUEST];
@@ -558,6 +535,7 @@ impl Floors {
         let mut h = latency_histogram();
         let warmup = (samples / 10).clamp(100, 2_000);
         for i in 0..warmup + samples {
+            crate::sys::spin_for(gap);
             let t = Instant::now();
             s.write_all(&req).map_err(io)?;
             s.read_exact(&mut reply).map_err(io)?;
