@@ -112,7 +112,8 @@ impl AppSession {
             RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
         )
         .map_err(AppError::Uffd)?;
-        let sock = connect_pager(&cfg.socket)?;
+        let sock = std::sync::Arc::new(connect_pager(&cfg.socket)?);
+        let watched = std::sync::Arc::clone(&sock);
 
         // The agent announces its own tid, so it starts first and waits for
         // the welcome on a channel.
@@ -127,6 +128,12 @@ impl AppSession {
                 match r {
                     Ok((welcome, staging)) => {
                         let _ = tx.send(Ok(welcome));
+                        // The agent itself may be stuck in a fault or a
+                        // DONTNEED that only the pager can complete: a
+                        // separate thread watches for the pager's death.
+                        let _ = std::thread::Builder::new()
+                            .name("dmem-watchdog".into())
+                            .spawn(move || watchdog(&watched));
                         agent_loop(&sock, &staging);
                     }
                     Err(e) => {
@@ -196,6 +203,20 @@ fn handshake(
         (Some(Msg::Refused(why)), _) => Err(AppError::Refused(why)),
         (None, _) => Err(AppError::Protocol("pager closed the connection".into())),
         (Some(other), _) => Err(AppError::Protocol(format!("{other:?}"))),
+    }
+}
+
+/// Aborts the program when the pager's end of the socket closes.
+fn watchdog(sock: &OwnedFd) {
+    loop {
+        match sys::wait_hangup(sock.as_raw_fd()) {
+            Ok(true) => die(
+                "the pager closed its connection (pager died?); stopping this program, \
+                 whose evicted memory can no longer be served",
+            ),
+            Ok(false) | Err(Errno::EINTR) => continue,
+            Err(e) => die(&format!("cannot watch the pager connection ({e})")),
+        }
     }
 }
 

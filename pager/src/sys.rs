@@ -395,6 +395,21 @@ pub fn poll_uffd_and_peer(uffd: RawFd, sock: RawFd, timeout_ms: i32) -> Result<R
     Ok(Ready::Timeout)
 }
 
+/// Blocks until the peer of `sock` hangs up (true), or a signal interrupts.
+pub fn wait_hangup(sock: RawFd) -> Result<bool, Errno> {
+    let mut p = libc::pollfd {
+        fd: sock,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, living across the call.
+    let rc = unsafe { libc::poll(&mut p, 1, -1) };
+    if rc < 0 {
+        return Err(Errno::last());
+    }
+    Ok(p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+}
+
 /// Whether `fd` has input within `timeout_ms`.
 pub fn poll_in(fd: RawFd, timeout_ms: i32) -> Result<bool, Errno> {
     let mut p = libc::pollfd {
