@@ -17,7 +17,7 @@ use nix::sys::time::TimeVal;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::app::{connect_pager, recv_msg};
+use crate::app::connect_pager;
 use crate::pager::Pager;
 use crate::prefetch::Prefetcher;
 use crate::session::Session;
@@ -136,9 +136,13 @@ fn handle(pager: Arc<Pager>, conn: OwnedFd, socket_path: &str) {
         );
     }
     let mut buf = vec![0u8; MAX_MSG];
-    let (msg, fds) = match recv_msg(&conn, &mut buf) {
-        Ok((Some(m), fds)) => (m, fds),
-        Ok((None, _)) => return,
+    let (n, fds) = match sys::recv_with_fds(conn.as_raw_fd(), &mut buf) {
+        Ok((0, _)) => return,
+        Ok(x) => x,
+        Err(e) => return refuse(&conn, &format!("cannot read the first message: {e}")),
+    };
+    let msg = match wire::decode(&buf[..n]) {
+        Ok(m) => m,
         Err(e) => return refuse(&conn, &format!("bad first message: {e}")),
     };
     match msg {
