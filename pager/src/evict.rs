@@ -44,6 +44,7 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
             (Session::local(&st), st.counts.cached)
         };
         if local <= high {
+            s.lock().stuck = false;
             continue;
         }
         let mut local = local;
@@ -64,7 +65,7 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
                 // Nothing evictable right now (pages in transit): wait.
                 break;
             }
-            if !progress {
+            if no_space {
                 let mut st = s.lock();
                 if !st.stuck {
                     st.stuck = true;
@@ -82,7 +83,6 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
                 }
                 break;
             }
-            s.lock().stuck = false;
         }
     }
 }
@@ -374,6 +374,8 @@ fn shrink_cache(s: &Session, pager: &Pager, no_space: &mut bool) -> bool {
     let mut st = s.lock();
     match outcome {
         Ok(slots) => {
+            // Pages can leave again: hold faults back at the limit.
+            st.stuck = false;
             for (i, &(page, old)) in pages.iter().enumerate() {
                 let crc = checksum(&data[i * PAGE..(i + 1) * PAGE]);
                 let m = st.table.get(page).copied();
@@ -400,7 +402,8 @@ fn shrink_cache(s: &Session, pager: &Pager, no_space: &mut bool) -> bool {
             for s2 in slots {
                 pager.space.decref(s2);
             }
-            warn!(
+            // The evictor warns once when this leaves the app over its limit.
+            debug!(
                 session = s.id,
                 "write-back failed, keeping the pages local: {e}"
             );

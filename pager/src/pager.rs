@@ -187,9 +187,13 @@ impl Pager {
         let mut apps = Vec::new();
         for e in self.sessions.iter() {
             let s = e.value();
+            let counts = {
+                let st = s.lock();
+                s.counters.peak((st.peak_local * PAGE) as u64);
+                st.counts
+            };
             total.absorb(&s.counters);
             total_lat.absorb(&s.lat);
-            let counts = s.lock().counts;
             let mut a = stats::to_json(&s.counters, &s.lat);
             a["session"] = json!(s.id);
             a["pid"] = json!(s.pid);
@@ -237,8 +241,12 @@ impl Pager {
         let mut resident = 0;
         let mut cached = 0;
         for e in self.sessions.iter() {
+            let c = {
+                let st = e.value().lock();
+                e.value().counters.peak((st.peak_local * PAGE) as u64);
+                st.counts
+            };
             total.absorb(&e.value().counters);
-            let c = e.value().lock().counts;
             resident += c.resident;
             cached += c.cached;
         }

@@ -81,6 +81,8 @@ pub struct State {
     pub prefetch: Prefetcher,
     /// Pages of the last prefetch window still flagged as prefetched.
     pub last_prefetch: Vec<u64>,
+    /// Most local pages (resident + cached) seen at any moment.
+    pub peak_local: usize,
     /// Eviction cannot make progress (no remote space): faults are served
     /// over the limit instead of being held back.
     pub stuck: bool,
@@ -105,12 +107,15 @@ impl State {
         }
     }
 
-    /// Sets a page's place, keeping counts.
+    /// Sets a page's place, keeping counts and the peak of local pages.
     pub fn place(&mut self, page: u64, to: Place) {
         if let Some(m) = self.table.get_mut(page) {
             let from = m.place;
             m.place = to;
             self.counts.moved(from, to);
+            self.peak_local = self
+                .peak_local
+                .max(self.counts.resident + self.counts.cached);
         }
     }
 }
@@ -167,6 +172,7 @@ impl Session {
                 cache_fifo: VecDeque::new(),
                 prefetch,
                 last_prefetch: Vec::new(),
+                peak_local: 0,
                 stuck: false,
             }),
             counters: Counters::default(),
@@ -304,8 +310,6 @@ impl Session {
                 self.wake(dst, done);
             }
         }
-        let peak = (Self::local(st) * PAGE) as u64;
-        self.counters.peak(peak);
         (fill, pages)
     }
 
@@ -628,6 +632,7 @@ impl Session {
     /// Releases everything the app held: frames, slots.
     pub fn teardown(&self, pager: &Pager) {
         let mut st = self.lock();
+        self.counters.peak((st.peak_local * PAGE) as u64);
         let mut frames = 0;
         let mut slots = 0;
         for (_, m) in st.table.all_mut() {

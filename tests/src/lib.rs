@@ -5,6 +5,11 @@
 //!   refuses to run tests against missing or stale ones.
 //! - [`Memnode`] runs a `dmem-memnode` process on a port of its choosing and
 //!   kills it on drop (printing its log if the test failed).
+//! - [`Pager`] does the same for `dmem-pager` on a socket in a temporary
+//!   directory; [`Workload`] runs the `dmem-workload` harness against it
+//!   (to completion, or in the background as a [`RunningWorkload`]).
+//! - [`TcpProxy`] sits between a pager and a memory node and can cut and
+//!   restore their connections.
 //! - [`raw::RawConn`] speaks the wire protocol by hand, for bad input.
 //! - [`netns::Netns`] builds a network namespace joined to the host by a veth
 //!   pair, for tests of non-loopback clients.
@@ -595,4 +600,581 @@ pub fn is_root() -> bool {
 /// of tests that may skip even when they pass, so the notice is seen.)
 pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIPPED: {test}: {reason}");
+}
+
+/// Hang guard for one `dmem-workload` run: runs take seconds; this only
+/// turns a stuck pager into a failure before nextest's own timeout.
+pub const WORKLOAD_GUARD: Duration = Duration::from_secs(90);
+
+/// Starts a daemon whose first stdout line says it is ready; its stderr
+/// goes to `<dir>/<name>.log`. Returns the first line.
+fn spawn_daemon(
+    mut cmd: Command,
+    name: &str,
+    dir: TempDir,
+) -> Result<(Child, String, BufReader<ChildStdout>, PathBuf, TempDir), String> {
+    let log = dir.path().join(format!("{name}.log"));
+    let log_file = std::fs::File::create(&log).expect("create daemon log");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info");
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        let n = r.read_line(&mut line);
+        let _ = tx.send((n.map(|_| line), r));
+    });
+    match rx.recv_timeout(HANG_GUARD) {
+        Ok((Ok(line), r)) if !line.is_empty() => Ok((child, line, r, log, dir)),
+        other => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            let why = match other {
+                Ok(_) => format!("it exited ({status:?}) without saying it was ready"),
+                Err(_) => format!("it printed nothing within {HANG_GUARD:?}"),
+            };
+            Err(format!(
+                "{name} did not start ({why}): {cmd:?}\n--- log ---\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ))
+        }
+    }
+}
+
+/// Last 16 KiB of a log, on a character boundary.
+fn log_tail(log: &str) -> &str {
+    let mut start = log.len().saturating_sub(16 << 10);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    &log[start..]
+}
+
+/// A running `dmem-pager` process, killed (SIGKILL) on drop.
+pub struct Pager {
+    child: Child,
+    socket: PathBuf,
+    _stdout: BufReader<ChildStdout>,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Pager {
+    /// Starts `dmem-pager` with `args`, adding `--socket` (in a temporary
+    /// directory of its own) and `--local-limit 16M` unless `args` give
+    /// them, and waits for its "listening on" line.
+    pub fn start<S: AsRef<OsStr>>(args: &[S]) -> Pager {
+        Pager::try_start(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Pager::start`], but a pager that refuses to start is an
+    /// `Err` carrying its log.
+    pub fn try_start<S: AsRef<OsStr>>(args: &[S]) -> Result<Pager, String> {
+        let args: Vec<&OsStr> = args.iter().map(AsRef::as_ref).collect();
+        let dir = TempDir::new("pager");
+        let default_socket = dir.path().join("pager.sock");
+        let mut cmd = Command::new(bin_path("dmem-pager"));
+        if !args.contains(&OsStr::new("--socket")) {
+            cmd.arg("--socket").arg(&default_socket);
+        }
+        if !args.contains(&OsStr::new("--local-limit")) {
+            cmd.args(["--local-limit", "16M"]);
+        }
+        cmd.args(&args);
+        let (child, line, stdout, log, dir) = spawn_daemon(cmd, "dmem-pager", dir)?;
+        let socket = line
+            .trim()
+            .strip_prefix("dmem-pager listening on ")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("unexpected first line from dmem-pager: {line:?}"));
+        Ok(Pager {
+            child,
+            socket,
+            _stdout: stdout,
+            log,
+            _dir: dir,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `dmem stats --json` against this pager (the CLI, as users run it).
+    pub fn stats_cli(&self) -> serde_json::Value {
+        let (st, out, err) = run_dmem(&[
+            OsStr::new("stats"),
+            OsStr::new("--socket"),
+            self.socket.as_os_str(),
+            OsStr::new("--json"),
+        ]);
+        assert!(st.success(), "dmem stats failed ({st}): {err}");
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("dmem stats printed bad JSON ({e}): {out}"))
+    }
+
+    /// The same figures through the library call (cheap enough to poll).
+    pub fn stats(&self) -> serde_json::Value {
+        dmem_pager::report::fetch_stats(&self.socket)
+            .unwrap_or_else(|e| panic!("cannot get pager stats: {e}\n{}", log_tail(&self.log())))
+    }
+
+    /// A workload against this pager.
+    pub fn workload(&self, scenario: &str, size: &str) -> Workload {
+        Workload::new(&self.socket, scenario, size)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), sig).expect("signal pager");
+    }
+
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits for the process to exit; panics after `guard`.
+    pub fn wait_exit(&mut self, guard: Duration) -> ExitStatus {
+        let deadline = Instant::now() + guard;
+        loop {
+            if let Some(st) = self.try_exit_status() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dmem-pager (pid {}) still running after {guard:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics unless the process is still running.
+    #[track_caller]
+    pub fn assert_alive(&mut self) {
+        if let Some(st) = self.try_exit_status() {
+            panic!("dmem-pager died ({st}); log:\n{}", log_tail(&self.log()));
+        }
+    }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- dmem-pager {} log (tail) ---\n{}",
+                self.socket.display(),
+                log_tail(&self.log())
+            );
+        }
+    }
+}
+
+/// One `dmem-workload` invocation (see tests/src/bin/dmem-workload.rs).
+#[derive(Debug, Clone)]
+pub struct Workload {
+    args: Vec<String>,
+}
+
+impl Workload {
+    pub fn new(socket: &Path, scenario: &str, size: &str) -> Workload {
+        Workload {
+            args: vec![
+                "--socket".into(),
+                socket.display().to_string(),
+                "--scenario".into(),
+                scenario.into(),
+                "--size".into(),
+                size.into(),
+            ],
+        }
+    }
+
+    /// Adds `--key value`.
+    pub fn arg(mut self, key: &str, value: impl ToString) -> Workload {
+        self.args.push(key.into());
+        self.args.push(value.to_string());
+        self
+    }
+
+    /// Runs it in the background, stdin, stdout and stderr piped.
+    pub fn spawn(&self) -> RunningWorkload {
+        let mut child = Command::new(bin_path("dmem-workload"))
+            .args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start dmem-workload {:?}: {e}", self.args));
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        let stdout = std::sync::Arc::new(Mutex::new(String::new()));
+        let stderr = std::sync::Arc::new(Mutex::new(String::new()));
+        let (o, e) = (
+            std::sync::Arc::clone(&stdout),
+            std::sync::Arc::clone(&stderr),
+        );
+        let t_out = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                o.lock().unwrap().push_str(&format!("{line}\n"));
+                let _ = tx.send(line);
+            }
+        });
+        let t_err = std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                e.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        RunningWorkload {
+            child,
+            args: self.args.clone(),
+            lines,
+            stdout,
+            stderr,
+            readers: vec![t_out, t_err],
+        }
+    }
+
+    /// Runs it to completion (stdin closed: `hold` does not wait).
+    pub fn run(&self) -> WorkloadOutcome {
+        let mut w = self.spawn();
+        w.release();
+        w.wait()
+    }
+}
+
+/// A `dmem-workload` process running in the background.
+pub struct RunningWorkload {
+    child: Child,
+    args: Vec<String>,
+    lines: mpsc::Receiver<String>,
+    stdout: std::sync::Arc<Mutex<String>>,
+    stderr: std::sync::Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RunningWorkload {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for a stdout line containing `what`; panics if the process
+    /// ends first, or after [`WORKLOAD_GUARD`].
+    #[track_caller]
+    pub fn wait_for_line(&mut self, what: &str) -> String {
+        let deadline = Instant::now() + WORKLOAD_GUARD;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(l) if l.contains(what) => return l,
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "dmem-workload printed no {what:?} within {WORKLOAD_GUARD:?}; stderr:\n{}",
+                        self.stderr()
+                    );
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let st = self.child.wait().expect("wait");
+                    panic!(
+                        "dmem-workload ended ({st}) before printing {what:?}; stderr:\n{}",
+                        self.stderr()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Lets a `hold` workload go on (and closes its stdin).
+    pub fn release(&mut self) {
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = stdin.write_all(b"go\n");
+        }
+    }
+
+    /// The arena (base, length) the harness reported on stderr.
+    pub fn arena(&self) -> (u64, u64) {
+        eventually(HANG_GUARD, "dmem-workload to report its arena", || {
+            let err = self.stderr();
+            let rest = err.split("dmem-workload: arena ").nth(1)?;
+            let spec = rest.split_whitespace().next()?;
+            let (base, len) = spec.split_once('+')?;
+            let base = u64::from_str_radix(base.trim_start_matches("0x"), 16).ok()?;
+            Some((base, len.parse().ok()?))
+        })
+    }
+
+    /// Resident bytes of the arena mapping now (see [`arena_rss`]).
+    pub fn arena_rss(&self, arena: (u64, u64)) -> Option<u64> {
+        arena_rss(self.pid(), arena)
+    }
+
+    /// Whether it has exited (without reaping a running one).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits for it to exit; kills it and panics after [`WORKLOAD_GUARD`].
+    pub fn wait(self) -> WorkloadOutcome {
+        self.wait_guarded(WORKLOAD_GUARD)
+    }
+
+    /// Waits for it to exit; kills it and panics after `guard`.
+    pub fn wait_guarded(mut self, guard: Duration) -> WorkloadOutcome {
+        let deadline = Instant::now() + guard;
+        let status = loop {
+            if let Some(st) = self.try_wait() {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let threads = thread_states(self.pid());
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "dmem-workload {:?} did not finish within {guard:?}; its threads \
+                     (tid name kernel-wait-channel):\n{threads}stderr:\n{}",
+                    self.args,
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for t in self.readers.drain(..) {
+            let _ = t.join();
+        }
+        WorkloadOutcome {
+            status,
+            args: self.args.clone(),
+            stdout: self.stdout.lock().unwrap().clone(),
+            stderr: self.stderr(),
+        }
+    }
+}
+
+impl Drop for RunningWorkload {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One line per thread of `pid`: tid, name and the kernel function it
+/// sleeps in (`/proc/PID/task/TID/wchan`), to say where a hung process is
+/// stuck.
+pub fn thread_states(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let read = |f: &str| {
+            std::fs::read_to_string(p.join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        out.push_str(&format!(
+            "  {} {} {}\n",
+            t.file_name().to_string_lossy(),
+            read("comm"),
+            read("wchan")
+        ));
+    }
+    out
+}
+
+/// Resident bytes of the mapping `(base, len)` of process `pid` now, from
+/// /proc/PID/smaps (`None` once the process is gone or the mapping is not
+/// found whole, e.g. after the process split it with munmap or mremap).
+pub fn arena_rss(pid: u32, arena: (u64, u64)) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let head = format!("{:x}-{:x} ", arena.0, arena.0 + arena.1);
+    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+    lines.next()?;
+    let kb: u64 = lines
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())?;
+    Some(kb * 1024)
+}
+
+/// How a `dmem-workload` run ended.
+#[derive(Debug)]
+pub struct WorkloadOutcome {
+    pub status: ExitStatus,
+    pub args: Vec<String>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl WorkloadOutcome {
+    /// Panics unless it exited 0 having verified everything; returns its
+    /// JSON line.
+    #[track_caller]
+    pub fn assert_ok(&self) -> serde_json::Value {
+        assert!(
+            self.status.success(),
+            "dmem-workload {:?} failed ({}):\n--- stderr ---\n{}--- stdout ---\n{}",
+            self.args,
+            self.status,
+            self.stderr,
+            self.stdout
+        );
+        let line = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| l.contains("\"ok\":true"))
+            .unwrap_or_else(|| panic!("no result line from dmem-workload: {}", self.stdout));
+        serde_json::from_str(line).expect("dmem-workload result is JSON")
+    }
+
+    /// The signal that killed it, if any.
+    pub fn signal(&self) -> Option<i32> {
+        std::os::unix::process::ExitStatusExt::signal(&self.status)
+    }
+}
+
+/// Reads a non-negative integer at `path` (e.g. `["faults", "remote"]`)
+/// in a stats JSON object; panics if missing.
+#[track_caller]
+pub fn stat(v: &serde_json::Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for k in path {
+        cur = &cur[*k];
+    }
+    cur.as_u64()
+        .unwrap_or_else(|| panic!("stats have no integer at {path:?}: {v:#}"))
+}
+
+/// The `apps` entry of process `pid` in a stats JSON, if attached.
+pub fn app_stats(v: &serde_json::Value, pid: u32) -> Option<&serde_json::Value> {
+    v["apps"]
+        .as_array()?
+        .iter()
+        .find(|a| a["pid"].as_u64() == Some(u64::from(pid)))
+}
+
+/// A TCP proxy on loopback in front of `upstream`, whose connections can
+/// be cut (both directions shut down, and new connections refused: accepted
+/// and closed at once) and restored. Stands in for a network outage
+/// between a pager and a memory node that both keep running.
+pub struct TcpProxy {
+    addr: SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+}
+
+struct ProxyState {
+    up: std::sync::atomic::AtomicBool,
+    conns: Mutex<Vec<TcpStream>>,
+    cuts: AtomicU64,
+    accepted: AtomicU64,
+}
+
+impl TcpProxy {
+    pub fn start(upstream: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let state = std::sync::Arc::new(ProxyState {
+            up: std::sync::atomic::AtomicBool::new(true),
+            conns: Mutex::new(Vec::new()),
+            cuts: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+        });
+        let st = std::sync::Arc::clone(&state);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(down) = conn else { continue };
+                if !st.up.load(Ordering::SeqCst) {
+                    drop(down);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                st.accepted.fetch_add(1, Ordering::SeqCst);
+                let _ = down.set_nodelay(true);
+                let _ = up.set_nodelay(true);
+                let pairs = [
+                    (down.try_clone(), up.try_clone()),
+                    (up.try_clone(), down.try_clone()),
+                ];
+                {
+                    let mut c = st.conns.lock().unwrap();
+                    c.push(down);
+                    c.push(up);
+                }
+                for pair in pairs {
+                    if let (Ok(mut from), Ok(mut to)) = pair {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                            let _ = from.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        TcpProxy { addr, state }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Breaks every connection and refuses new ones until [`restore`].
+    ///
+    /// [`restore`]: TcpProxy::restore
+    pub fn cut(&self) {
+        self.state.up.store(false, Ordering::SeqCst);
+        self.state.cuts.fetch_add(1, Ordering::SeqCst);
+        for c in self.state.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.state.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Connections passed through so far.
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
 }

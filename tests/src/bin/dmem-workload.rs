@@ -6,7 +6,14 @@
 //!
 //! Page contents are a function of (seed, page, version), so any stale,
 //! zeroed or misplaced page is caught wherever it is read.
+//!
+//! Right after attaching it prints `dmem-workload: arena 0xBASE+LEN ...` on
+//! stderr, so that a test can watch the arena's resident set in
+//! /proc/PID/smaps. The `hold` scenario writes everything, prints
+//! `{"phase":"written"}` on stdout and waits for a line on stdin before it
+//! verifies: tests use the pause to break things while the data is evicted.
 
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -147,6 +154,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    eprintln!(
+        "dmem-workload: arena {:#x}+{} session {} limit {} block {}",
+        session.arena_ptr() as u64,
+        session.arena_len(),
+        session.session_id(),
+        session.local_limit(),
+        session.block()
+    );
     let mem = Mem {
         base: session.arena_ptr().cast(),
         pages: args.size / PAGE,
@@ -162,6 +177,7 @@ fn main() -> ExitCode {
         "mremap" => mremap(&mem, &session),
         "munmap" => munmap(&mem),
         "scan" => scan(&mem, args.rounds),
+        "hold" => hold(&mem),
         other => Err(format!("unknown scenario {other}")),
     };
     match r {
@@ -383,4 +399,29 @@ fn munmap(m: &Mem) -> Result<String, String> {
         m.check(p, 1)?;
     }
     Ok(format!(",\"unmapped_pages\":{n}"))
+}
+
+/// Write everything (most of it leaves for the memory node), say so, wait
+/// for a line on stdin (or its end), then verify, rewrite and verify again.
+fn hold(m: &Mem) -> Result<String, String> {
+    for p in 0..m.pages {
+        m.write(p, 1);
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{{\"phase\":\"written\"}}");
+        let _ = out.flush();
+    }
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    for p in 0..m.pages {
+        m.check(p, 1)?;
+    }
+    for p in 0..m.pages {
+        m.write(p, 2);
+    }
+    for p in 0..m.pages {
+        m.check(p, 2)?;
+    }
+    Ok(String::new())
 }

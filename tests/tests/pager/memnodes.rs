@@ -1,0 +1,241 @@
+//! Memory nodes that misbehave under a running app: connections cut and
+//! restored, a node that stalls, a node that dies with the app's data, a
+//! node that is full, no node at all. The app either finishes with every
+//! byte right or is stopped with a message; it never exits 0 with wrong
+//! data, and the pager keeps serving.
+
+use std::time::Duration;
+
+use dmem_tests::{stat, Memnode, Pager, TcpProxy};
+use nix::sys::signal::Signal;
+
+use crate::{assert_all_released, MIB};
+
+/// The pager's connection to the node is cut (both directions, new
+/// connections refused) while the app's data lives there, and restored a
+/// moment later: the pager reconnects, resumes its session (same slabs) and
+/// the app finishes with every byte right.
+#[test]
+fn cut_connections_are_resumed_and_the_app_finishes() {
+    let node = Memnode::start(&["--capacity", "512M", "--lease-grace", "30"]);
+    let proxy = TcpProxy::start(node.addr());
+    let mut pager = Pager::start(&[
+        "--memnode",
+        &proxy.addr().to_string(),
+        "--local-limit",
+        "8M",
+    ]);
+    let mut w = pager.workload("hold", "32M").spawn();
+    w.wait_for_line("written");
+    let before = pager.stats();
+    assert!(
+        stat(&before["apps"][0], &["remote_pages"]) > 0,
+        "no data on the memory node before the cut: {before:#}"
+    );
+    proxy.cut();
+    // The app now reads its data back while the node is unreachable; its
+    // faults wait (up to --fetch-timeout, 30 s by default) for the node.
+    w.release();
+    std::thread::sleep(Duration::from_secs(1));
+    proxy.restore();
+    w.wait().assert_ok();
+    pager.assert_alive();
+    let v = pager.stats();
+    assert!(
+        stat(&v["memnodes"][0], &["reconnects"]) >= 1,
+        "the pager did not reconnect: {v:#}"
+    );
+    assert!(proxy.accepted() >= 2, "no new connection through the proxy");
+    assert!(stat(&v["total"], &["faults", "remote"]) > 0, "{v:#}");
+    assert_all_released(&pager);
+}
+
+/// A node that stops answering for a while (SIGSTOP), shorter than the
+/// fetch timeout, is a delay, not a loss.
+#[test]
+fn stalled_memnode_is_a_delay_not_a_loss() {
+    let node = Memnode::start(&["--capacity", "512M", "--lease-grace", "30"]);
+    let mut pager = Pager::start(&[
+        "--memnode",
+        &node.addr_string(),
+        "--local-limit",
+        "8M",
+        "--fetch-timeout",
+        "30",
+    ]);
+    let mut w = pager.workload("hold", "32M").spawn();
+    w.wait_for_line("written");
+    node.signal(Signal::SIGSTOP);
+    w.release();
+    std::thread::sleep(Duration::from_secs(2));
+    node.signal(Signal::SIGCONT);
+    w.wait().assert_ok();
+    pager.assert_alive();
+    assert_all_released(&pager);
+}
+
+/// The node holding the app's evicted data is killed: the app is stopped
+/// with a "dmem:" message naming the node (never exit 0, never wrong data),
+/// and the pager survives and serves a new app that fits its limit.
+#[test]
+fn lost_memnode_stops_the_app_and_the_pager_survives() {
+    let mut node = Memnode::start(&["--capacity", "512M"]);
+    let addr = node.addr_string();
+    let mut pager = Pager::start(&[
+        "--memnode",
+        &addr,
+        "--local-limit",
+        "8M",
+        "--fetch-timeout",
+        "3",
+    ]);
+    let mut w = pager.workload("hold", "32M").spawn();
+    w.wait_for_line("written");
+    let v = pager.stats();
+    assert!(stat(&v["apps"][0], &["remote_pages"]) > 0, "{v:#}");
+    node.kill9();
+    w.release();
+    let out = w.wait();
+    assert!(
+        !out.status.success(),
+        "the app exited 0 although its data was lost: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("dmem:"),
+        "no dmem: message on the app's stderr: {:?}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains(&addr),
+        "the message does not name the memory node {addr}: {:?}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("WRONG DATA"), "{:?}", out.stderr);
+    assert!(
+        matches!(out.signal(), Some(libc::SIGABRT | libc::SIGKILL)),
+        "the app should be stopped by the pager, not exit: {out:?}"
+    );
+
+    pager.assert_alive();
+    crate::assert_all_released(&pager);
+    // A new app that fits its limit needs no memory node.
+    pager.workload("seq", "4M").run().assert_ok();
+    pager.workload("zero", "4M").run().assert_ok();
+    pager.assert_alive();
+}
+
+/// After the node died, a new app bigger than its limit must still finish:
+/// with nowhere to put pages the pager lets it exceed its limit (as with a
+/// full node or no node). Its pages are all local; none are lost.
+#[test]
+#[ignore = "known bug (issue 3 closing note): with the only memory node dead, write-backs block the evictor for --fetch-timeout each while faults on those pages wait; the app crawls"]
+fn dead_memnode_new_app_over_its_limit_still_finishes() {
+    let mut node = Memnode::start(&["--capacity", "512M"]);
+    let addr = node.addr_string();
+    let mut pager = Pager::start(&[
+        "--memnode",
+        &addr,
+        "--local-limit",
+        "4M",
+        "--fetch-timeout",
+        "3",
+    ]);
+    // A first app leases a slab on the node, then ends normally.
+    pager.workload("seq", "16M").run().assert_ok();
+    node.kill9();
+    let mut w = pager.workload("seq", "16M").arg("--rounds", 1).spawn();
+    w.release();
+    let out = w.wait_guarded(Duration::from_secs(60));
+    out.assert_ok();
+    pager.assert_alive();
+    let t = pager.stats()["total"].clone();
+    assert!(stat(&t, &["limit_exceeded"]) > 0, "{t:#}");
+}
+
+/// A node far too small for the data (8 MiB; slabs of 4 MiB): the app
+/// still finishes with every byte right, over its limit, and the pager
+/// counts that.
+#[test]
+fn out_of_remote_space_exceeds_the_limit_instead_of_losing_data() {
+    let node = Memnode::start(&["--capacity", "8M"]);
+    let pager = Pager::start(&[
+        "--memnode",
+        &node.addr_string(),
+        "--local-limit",
+        "8M",
+        "--slab",
+        "4M",
+    ]);
+    pager
+        .workload("seq", "32M")
+        .arg("--rounds", 2)
+        .run()
+        .assert_ok();
+    pager
+        .workload("random", "32M")
+        .arg("--seed", 5)
+        .run()
+        .assert_ok();
+    let v = pager.stats_cli();
+    let t = &v["total"];
+    assert!(stat(t, &["limit_exceeded"]) > 0, "{v:#}");
+    assert!(
+        stat(t, &["peak_resident_bytes"]) > 8 * MIB,
+        "32 MiB cannot fit in 8 MiB local + 8 MiB remote without exceeding: {v:#}"
+    );
+    // The node was used as far as it goes, and never beyond.
+    assert!(stat(t, &["bytes_written_back"]) > 0, "{v:#}");
+    assert!(
+        stat(&v["memnodes"][0], &["leased_bytes"]) <= 8 * MIB,
+        "{v:#}"
+    );
+    assert_all_released(&pager);
+}
+
+/// Without any --memnode: an app within its limit runs as usual; one over
+/// it still finishes correctly, exceeding its limit, counted.
+#[test]
+fn no_memnode_small_fits_and_big_exceeds() {
+    let pager = Pager::start(&["--local-limit", "16M"]);
+    pager
+        .workload("seq", "8M")
+        .arg("--rounds", 2)
+        .run()
+        .assert_ok();
+    let t = pager.stats()["total"].clone();
+    assert_eq!(stat(&t, &["limit_exceeded"]), 0, "{t:#}");
+    assert_eq!(stat(&t, &["evictions"]), 0, "{t:#}");
+    assert_eq!(stat(&t, &["faults", "remote"]), 0, "{t:#}");
+
+    pager.workload("seq", "32M").run().assert_ok();
+    pager
+        .workload("random", "32M")
+        .arg("--seed", 9)
+        .run()
+        .assert_ok();
+    let t = pager.stats_cli()["total"].clone();
+    assert!(stat(&t, &["limit_exceeded"]) > 0, "{t:#}");
+    assert_eq!(stat(&t, &["bytes_written_back"]), 0, "{t:#}");
+    assert_eq!(stat(&t, &["faults", "remote"]), 0, "{t:#}");
+    assert_all_released(&pager);
+}
+
+/// Without a memory node, exceeding the limit is one warning (and a
+/// counter), not a warning per eviction batch.
+#[test]
+fn no_memnode_warns_once_not_per_batch() {
+    let pager = Pager::start(&["--local-limit", "8M"]);
+    pager.workload("seq", "32M").run().assert_ok();
+    let log = pager.log();
+    let warnings = log.lines().filter(|l| l.contains("WARN")).count();
+    assert!(
+        warnings <= 10,
+        "{warnings} warning lines for one app over its limit without a memory node; \
+         first ones:\n{}",
+        log.lines()
+            .filter(|l| l.contains("WARN"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

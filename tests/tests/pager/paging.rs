@@ -1,0 +1,315 @@
+//! The fault path and eviction, workloads several times the local limit:
+//! every byte verified by the harness, the pager's figures checked to show
+//! that pages really went to the cache tier and the memory node and came
+//! back, and the local limit checked as a bound on memory.
+
+use dmem_tests::{stat, Memnode, Pager, Workload};
+
+use crate::{assert_all_released, AppSamples, Sampler, MIB};
+
+/// Local limit of the limit-checking tests.
+const LIMIT: u64 = 16 * MIB;
+/// Prefetch window cap those tests give the pager (`--prefetch-max`).
+const PREFETCH: u64 = MIB;
+/// How far over its limit an app may be, at any instant:
+/// - one prefetch window (`PREFETCH`): a window that arrives while the app
+///   is at its limit goes to the cache tier, which counts against the
+///   limit, and the evictor takes it back out afterwards;
+/// - 1 MiB for the demand blocks of faults in flight: at most one block
+///   per faulting thread (8 threads x 64 KiB at most in these tests), each
+///   let in when the app was just under its limit.
+///
+/// It is a bound on memory, not on time: however slow the machine, an app
+/// that stays inside it passes.
+const SLACK: u64 = PREFETCH + MIB;
+
+fn memnode() -> Memnode {
+    Memnode::start(&["--capacity", "512M", "--lease-grace", "30"])
+}
+
+fn pager_for(node: &Memnode, extra: &[&str]) -> Pager {
+    let mut args = vec![
+        "--memnode".to_string(),
+        node.addr_string(),
+        "--local-limit".into(),
+        LIMIT.to_string(),
+        "--prefetch-max".into(),
+        PREFETCH.to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Pager::start(&args)
+}
+
+/// Runs `w` while sampling the pager's figures for it; asserts it verified
+/// everything.
+fn run_sampled(pager: &Pager, w: &Workload) -> (serde_json::Value, AppSamples) {
+    let mut run = w.spawn();
+    let arena = run.arena();
+    let sampler = Sampler::start(pager, &[(run.pid(), arena)]);
+    let pid = run.pid();
+    run.release();
+    let out = run.wait();
+    let (seen, _) = sampler.finish();
+    let result = out.assert_ok();
+    (result, seen.get(&pid).copied().unwrap_or_default())
+}
+
+/// The totals after the run(s) (`total` includes apps that have ended),
+/// through the `dmem stats --json` CLI.
+fn totals(pager: &Pager) -> serde_json::Value {
+    pager.stats_cli()["total"].clone()
+}
+
+#[track_caller]
+fn assert_moved_everywhere(t: &serde_json::Value) {
+    for path in [
+        &["evictions"][..],
+        &["bytes_written_back"],
+        &["bytes_fetched"],
+        &["faults", "cache"],
+        &["faults", "remote"],
+        &["faults", "zero"],
+    ] {
+        assert!(
+            stat(t, path) > 0,
+            "{path:?} is 0: pages did not take the path it counts: {t:#}"
+        );
+    }
+}
+
+#[track_caller]
+fn assert_within_limit(t: &serde_json::Value, s: &AppSamples, limit: u64) {
+    let bound = limit + SLACK;
+    let peak = stat(t, &["peak_resident_bytes"]);
+    assert!(
+        peak <= bound,
+        "peak_resident_bytes {peak} exceeds limit {limit} + slack {SLACK}"
+    );
+    assert!(
+        peak > limit / 2,
+        "peak_resident_bytes {peak}: the app never came near its limit {limit}?"
+    );
+    assert!(
+        s.max_local <= bound,
+        "resident + cache reached {} (limit {limit} + slack {SLACK}); samples: {s:?}",
+        s.max_local
+    );
+    assert!(
+        s.max_arena_rss <= bound,
+        "the app's own arena RSS reached {} (limit {limit} + slack {SLACK}): \
+         evicted pages are not really dropped from the app; samples: {s:?}",
+        s.max_arena_rss
+    );
+    assert!(
+        s.max_arena_rss > 0,
+        "the arena's RSS was never sampled: {s:?}"
+    );
+}
+
+/// Untouched memory reads as zeros, even while written pages are evicted
+/// to the cache tier and the memory node around it.
+#[test]
+fn zero_pages_read_as_zeros() {
+    let node = memnode();
+    let pager = pager_for(&node, &[]);
+    let (_, s) = run_sampled(&pager, &pager.workload("zero", "64M"));
+    let t = totals(&pager);
+    assert!(stat(&t, &["faults", "zero"]) > 0);
+    assert!(stat(&t, &["evictions"]) > 0, "{t:#}");
+    assert!(stat(&t, &["bytes_written_back"]) > 0, "{t:#}");
+    assert_within_limit(&t, &s, LIMIT);
+    assert_all_released(&pager);
+}
+
+/// 64 MiB written and verified twice sequentially through a 16 MiB limit:
+/// pages leave for the cache tier and the memory node and fault back in
+/// from both; the app stays within its limit throughout.
+#[test]
+fn sequential_4x_limit_pages_through_cache_and_memnode() {
+    let node = memnode();
+    let pager = pager_for(&node, &[]);
+    let (_, s) = run_sampled(&pager, &pager.workload("seq", "64M").arg("--rounds", 2));
+    let t = totals(&pager);
+    assert_moved_everywhere(&t);
+    // The whole data set did not fit: most of it was fetched back.
+    assert!(
+        stat(&t, &["bytes_fetched"]) >= 32 * MIB,
+        "only {} bytes fetched for a 64 MiB set read twice through 16 MiB",
+        stat(&t, &["bytes_fetched"])
+    );
+    assert_within_limit(&t, &s, LIMIT);
+    assert_all_released(&pager);
+}
+
+/// Random reads and writes (against a shadow of versions) over 4x the limit.
+#[test]
+fn random_4x_limit_pages_through_cache_and_memnode() {
+    let node = memnode();
+    let pager = pager_for(&node, &[]);
+    let w = pager
+        .workload("random", "64M")
+        .arg("--rounds", 2)
+        .arg("--seed", 77);
+    let (_, s) = run_sampled(&pager, &w);
+    let t = totals(&pager);
+    assert_moved_everywhere(&t);
+    assert_within_limit(&t, &s, LIMIT);
+    assert_all_released(&pager);
+}
+
+/// Write once, read many: pages whose remote copy is valid are dropped on
+/// eviction, not written back again.
+#[test]
+fn clean_pages_are_dropped_not_written_back() {
+    let node = memnode();
+    let pager = pager_for(&node, &[]);
+    let size = 64 * MIB;
+    let (_, s) = run_sampled(&pager, &pager.workload("scan", "64M").arg("--rounds", 3));
+    let t = totals(&pager);
+    assert!(stat(&t, &["faults", "remote"]) > 0, "{t:#}");
+    // Each page is written once. Writing clean pages back on every
+    // eviction would write about (1 + rounds) x (size - limit) = 192 MiB.
+    let wb = stat(&t, &["bytes_written_back"]);
+    assert!(wb > 0, "{t:#}");
+    assert!(
+        wb < 2 * size,
+        "{wb} bytes written back for {size} bytes written once: clean pages are written back"
+    );
+    // Far more pages left than were written back: the rest were dropped
+    // clean, and the counter says so.
+    let evicted = stat(&t, &["evictions"]) * 4096;
+    assert!(evicted > 2 * wb, "{t:#}");
+    assert!(
+        stat(&t, &["clean_drops"]) > 0,
+        "clean_drops is 0 although {evicted} bytes were evicted and only {wb} written back: {t:#}"
+    );
+    assert_within_limit(&t, &s, LIMIT);
+    assert_all_released(&pager);
+}
+
+/// The peak the pager reports is a peak: it is never below the local
+/// pages (resident + cache) the pager itself reported at some moment.
+#[test]
+fn peak_resident_bytes_is_not_below_any_observed_local_size() {
+    let node = memnode();
+    let pager = pager_for(&node, &[]);
+    for sc in ["seq", "scan", "zero"] {
+        let (_, s) = run_sampled(&pager, &pager.workload(sc, "64M").arg("--rounds", 2));
+        assert!(s.samples > 0, "no stats sampled while {sc} ran");
+        assert!(
+            s.max_local <= s.max_reported_peak,
+            "{sc}: the pager reported resident + cache = {} bytes at one moment, but its \
+             peak_resident_bytes never exceeded {} (samples: {s:?})",
+            s.max_local,
+            s.max_reported_peak
+        );
+    }
+}
+
+fn threads(n: usize) {
+    let node = memnode();
+    let pager = pager_for(&node, &[]);
+    let w = pager
+        .workload("threads", "64M")
+        .arg("--threads", n)
+        .arg("--rounds", 2)
+        .arg("--seed", n);
+    let (_, s) = run_sampled(&pager, &w);
+    let t = totals(&pager);
+    assert_moved_everywhere(&t);
+    assert_within_limit(&t, &s, LIMIT);
+    assert_all_released(&pager);
+}
+
+/// Four threads faulting at once on their own pages and on shared ones.
+#[test]
+fn four_threads_fault_concurrently() {
+    threads(4);
+}
+
+/// Eight threads on a 2-vCPU machine: faults queue behind each other.
+#[test]
+fn eight_threads_fault_concurrently() {
+    threads(8);
+}
+
+/// The address-space scenarios run with an 8 MiB limit over 32 MiB, so
+/// that when the app changes its mappings, some of its pages are resident,
+/// some in the cache tier and some only on the memory node.
+fn address_space_scenario(scenario: &str) {
+    let node = memnode();
+    let pager = Pager::start(&["--memnode", &node.addr_string(), "--local-limit", "8M"]);
+    pager.workload(scenario, "32M").run().assert_ok();
+    let t = totals(&pager);
+    assert!(stat(&t, &["evictions"]) > 0, "{t:#}");
+    assert!(stat(&t, &["bytes_written_back"]) > 0, "{t:#}");
+    assert!(stat(&t, &["faults", "remote"]) > 0, "{t:#}");
+    assert_all_released(&pager);
+    // And the pager serves the next app as usual.
+    pager
+        .workload("random", "32M")
+        .arg("--seed", 3)
+        .run()
+        .assert_ok();
+    assert_all_released(&pager);
+}
+
+/// madvise(MADV_DONTNEED) over resident, cached and remote pages: they read
+/// as zeros afterwards (not their old content) and are usable again.
+#[test]
+fn madvise_dontneed_everywhere_reads_zeros() {
+    address_space_scenario("madvise");
+}
+
+/// mremap moves managed pages, wherever they are, to a new address.
+#[test]
+fn mremap_moves_pages_wherever_they_are() {
+    address_space_scenario("mremap");
+}
+
+/// munmap of a quarter of the data: the rest stays intact.
+#[test]
+fn munmap_leaves_the_rest_intact() {
+    address_space_scenario("munmap");
+}
+
+fn block_size(block: &str, bytes: u64) {
+    let node = memnode();
+    let pager = Pager::start(&[
+        "--memnode",
+        &node.addr_string(),
+        "--local-limit",
+        "8M",
+        "--block",
+        block,
+    ]);
+    assert_eq!(stat(&pager.stats(), &["pager", "block_bytes"]), bytes);
+    let out = pager.workload("random", "32M").arg("--seed", 11).run();
+    out.assert_ok();
+    assert!(
+        out.stderr.contains(&format!("block {bytes}")),
+        "the pager did not tell the app its block size: {}",
+        out.stderr
+    );
+    pager
+        .workload("seq", "32M")
+        .arg("--rounds", 2)
+        .run()
+        .assert_ok();
+    pager.workload("zero", "32M").run().assert_ok();
+    let t = totals(&pager);
+    assert_moved_everywhere(&t);
+    assert_all_released(&pager);
+}
+
+/// Remote fetches in 16 KiB blocks.
+#[test]
+fn block_16k_verifies() {
+    block_size("16K", 16 << 10);
+}
+
+/// Remote fetches in 64 KiB blocks.
+#[test]
+fn block_64k_verifies() {
+    block_size("64K", 64 << 10);
+}
