@@ -236,7 +236,7 @@ fn lost(s: &Session, pager: &Pager, pages: &[Claimed], e: RemoteError) {
         .unwrap_or_default();
     let addr = pages.first().map_or(0, |c| c.page);
     s.fatal(&format!(
-        "dmem: page {addr:#x} could not be fetched from memory node {node}: {e}"
+        "page {addr:#x} could not be fetched from memory node {node}: {e}"
     ));
 }
 
@@ -250,7 +250,7 @@ fn verify(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8]) -> bool {
                 .addr()
                 .to_owned();
             s.fatal(&format!(
-                "dmem: memory node {node} returned a corrupted page for address {:#x} \
+                "memory node {node} returned a corrupted page for address {:#x} \
                  (checksum mismatch); refusing to serve it",
                 c.page
             ));
