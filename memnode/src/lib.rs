@@ -6,6 +6,7 @@ pub mod client;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+pub mod shutdown;
 pub mod size;
 pub mod store;
 pub mod sys;

@@ -10,9 +10,9 @@ use clap::Parser;
 use dmem_memnode::auth::load_token;
 use dmem_memnode::metrics::serve_http;
 use dmem_memnode::server::{IoMode, Server, ServerConfig};
+use dmem_memnode::shutdown;
 use dmem_memnode::size::{format_size, parse_size};
 use dmem_memnode::sys::mem_available;
-use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -61,12 +61,7 @@ fn seconds(name: &str, v: f64) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shutdown::init_logging();
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,14 +74,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    // Block the shutdown signals before any thread starts, so that only the
-    // signal thread below receives them.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals
-        .thread_block()
-        .map_err(|e| format!("cannot block signals: {e}"))?;
+    let signals = shutdown::block_signals()?;
 
     let mut cfg = ServerConfig::new(args.listen, args.capacity);
     cfg.lease_grace = seconds("lease-grace", args.lease_grace)?;
@@ -133,16 +121,7 @@ fn run(args: Args) -> Result<(), String> {
     // Tests and scripts read this line to learn the port chosen for port 0.
     println!("dmem-memnode listening on {addr}");
 
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            match signals.wait() {
-                Ok(sig) => info!("{} received: shutting down", sig.as_str()),
-                Err(e) => warn!("waiting for signals failed ({e}): shutting down"),
-            }
-            // Slabs are plain process memory: exiting returns them all.
-            std::process::exit(0);
-        })
-        .map_err(|e| e.to_string())?;
+    // Slabs are plain process memory: exiting returns them all.
+    shutdown::exit_on_signal(signals, || {})?;
     server.run().map_err(|e| e.to_string())
 }

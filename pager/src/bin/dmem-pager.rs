@@ -10,10 +10,10 @@ use std::time::Duration;
 use clap::Parser;
 use dmem_memnode::auth::load_token;
 use dmem_memnode::metrics::serve_http;
+use dmem_memnode::shutdown;
 use dmem_memnode::size::{format_size, parse_size};
 use dmem_pager::daemon::{bind_socket, default_socket, serve};
 use dmem_pager::pager::{Pager, PagerConfig};
-use nix::sys::signal::{SigSet, Signal};
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
@@ -60,12 +60,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shutdown::init_logging();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -76,12 +71,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals
-        .thread_block()
-        .map_err(|e| format!("cannot block signals: {e}"))?;
+    let signals = shutdown::block_signals()?;
     if args.local_limit < (1 << 20) {
         return Err("--local-limit must be at least 1M".into());
     }
@@ -125,19 +115,11 @@ fn run(args: Args) -> Result<(), String> {
     );
     // Tests and scripts wait for this line.
     println!("dmem-pager listening on {}", path.display());
-    let cleanup = path.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            match signals.wait() {
-                Ok(sig) => info!("{} received: shutting down", sig.as_str()),
-                Err(e) => warn!("waiting for signals failed ({e}): shutting down"),
-            }
-            let _ = std::fs::remove_file(&cleanup);
-            // Apps attached now lose their pager: their agents stop them.
-            std::process::exit(0);
-        })
-        .map_err(|e| e.to_string())?;
+    // Apps attached now lose their pager: their agents stop them.
+    let socket = path.clone();
+    shutdown::exit_on_signal(signals, move || {
+        let _ = std::fs::remove_file(&socket);
+    })?;
     serve(pager, listener, path.display().to_string());
     Ok(())
 }
