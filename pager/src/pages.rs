@@ -1,6 +1,7 @@
 //! Per-page state of an app's managed memory, in dense arrays: one
 //! 16-byte `PageMeta` per 4 KiB page of each region, no hash map entry per
-//! page. Regions are the arena plus any range the app `mremap`s its
+//! page. The arrays are allocated in chunks of 512 pages on first change, so
+//! a large reserved arena costs metadata only where it is used. Regions are the arena plus any range the app `mremap`s its
 //! managed memory to.
 //!
 //! A page is in exactly one place: nowhere (`Zero`: never touched, or
@@ -100,15 +101,57 @@ impl PageMeta {
     }
 }
 
+/// Pages per metadata chunk: a chunk is allocated the first time one of its
+/// pages changes, so a huge, mostly unused arena costs almost nothing.
+const CHUNK: usize = 512;
+
+/// State of every page never changed (read through untouched chunks).
+static UNTOUCHED: PageMeta = PageMeta {
+    place: Place::Zero,
+    flags: 0,
+    gen: 0,
+    frame: NO_FRAME,
+    slot: NO_SLOT,
+    crc: 0,
+};
+
 /// A contiguous range of managed pages.
 pub struct Region {
     pub start: u64,
-    pub pages: Vec<PageMeta>,
+    len: usize,
+    chunks: Vec<Option<Box<[PageMeta]>>>,
 }
 
 impl Region {
+    fn new(start: u64, len: usize) -> Region {
+        Region {
+            start,
+            len,
+            chunks: (0..len.div_ceil(CHUNK)).map(|_| None).collect(),
+        }
+    }
+
     pub fn end(&self) -> u64 {
-        self.start + (self.pages.len() * PAGE) as u64
+        self.start + (self.len * PAGE) as u64
+    }
+
+    fn get(&self, i: usize) -> Option<&PageMeta> {
+        if i >= self.len {
+            return None;
+        }
+        Some(match &self.chunks[i / CHUNK] {
+            Some(c) => &c[i % CHUNK],
+            None => &UNTOUCHED,
+        })
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut PageMeta> {
+        if i >= self.len {
+            return None;
+        }
+        let c = self.chunks[i / CHUNK]
+            .get_or_insert_with(|| vec![PageMeta::default(); CHUNK].into_boxed_slice());
+        Some(&mut c[i % CHUNK])
     }
 }
 
@@ -143,10 +186,7 @@ impl PageTable {
                 .unwrap_or(u64::MAX)
                 .min(end);
             let n = ((next - at) as usize) / PAGE;
-            self.regions.push(Region {
-                start: at,
-                pages: vec![PageMeta::default(); n],
-            });
+            self.regions.push(Region::new(at, n));
             at = next;
         }
         self.regions.sort_by_key(|r| r.start);
@@ -156,13 +196,13 @@ impl PageTable {
     pub fn get(&self, addr: u64) -> Option<&PageMeta> {
         let i = self.index(addr)?;
         let r = &self.regions[i];
-        r.pages.get(((addr - r.start) as usize) / PAGE)
+        r.get(((addr - r.start) as usize) / PAGE)
     }
 
     pub fn get_mut(&mut self, addr: u64) -> Option<&mut PageMeta> {
         let i = self.index(addr)?;
         let r = &mut self.regions[i];
-        r.pages.get_mut(((addr - r.start) as usize) / PAGE)
+        r.get_mut(((addr - r.start) as usize) / PAGE)
     }
 
     fn index(&self, addr: u64) -> Option<usize> {
@@ -188,20 +228,40 @@ impl PageTable {
         lo..hi
     }
 
-    /// Every page of every region (for teardown).
+    /// Every page that ever changed, in every region (for teardown);
+    /// untouched pages hold nothing to release.
     pub fn all_mut(&mut self) -> impl Iterator<Item = (u64, &mut PageMeta)> {
         self.regions.iter_mut().flat_map(|r| {
             let s = r.start;
-            r.pages
+            let len = r.len;
+            r.chunks
                 .iter_mut()
                 .enumerate()
-                .map(move |(i, m)| (s + (i * PAGE) as u64, m))
+                .filter_map(|(k, c)| c.as_mut().map(|c| (k, c)))
+                .flat_map(move |(k, c)| {
+                    c.iter_mut()
+                        .enumerate()
+                        .map(move |(i, m)| (k * CHUNK + i, m))
+                        .take_while(move |(i, _)| *i < len)
+                        .map(move |(i, m)| (s + (i * PAGE) as u64, m))
+                })
         })
     }
 
     /// Number of pages tracked.
     pub fn pages(&self) -> usize {
-        self.regions.iter().map(|r| r.pages.len()).sum()
+        self.regions.iter().map(|r| r.len).sum()
+    }
+
+    /// Bytes of page metadata actually allocated.
+    pub fn metadata_bytes(&self) -> usize {
+        self.regions
+            .iter()
+            .flat_map(|r| r.chunks.iter())
+            .filter(|c| c.is_some())
+            .count()
+            * CHUNK
+            * std::mem::size_of::<PageMeta>()
     }
 }
 
@@ -223,5 +283,25 @@ mod tests {
         assert_eq!(t.pages(), 16 + 24);
         assert!(t.get(0x37fff).is_some());
         assert!(t.get(0x38000).is_none());
+    }
+
+    #[test]
+    fn metadata_is_allocated_only_where_pages_change() {
+        // 64 GiB of arena: nothing allocated until a page changes.
+        let mut t = PageTable::new(1 << 40, 64 << 30);
+        assert_eq!(t.pages(), 16 << 20);
+        assert_eq!(t.metadata_bytes(), 0);
+        assert_eq!(t.get((1 << 40) + (5 << 30)).unwrap().place, Place::Zero);
+        assert_eq!(t.metadata_bytes(), 0);
+        let a = (1 << 40) + (5 << 30) + 3 * PAGE as u64;
+        t.get_mut(a).unwrap().place = Place::Cached;
+        assert_eq!(t.metadata_bytes(), CHUNK * 16);
+        assert_eq!(t.get(a).unwrap().place, Place::Cached);
+        let seen: Vec<u64> = t
+            .all_mut()
+            .filter(|(_, m)| m.place != Place::Zero)
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(seen, vec![a]);
     }
 }

@@ -1,0 +1,137 @@
+//! The managed arena: one large reservation registered with the pager's
+//! userfaultfd, carved into page-granular blocks for large allocations.
+//!
+//! Invariant: every free byte of the arena reads as zero. Blocks are
+//! dropped (`MADV_DONTNEED`) before they return to the free lists, so a
+//! fresh block needs no clearing (calloc is free) and the pager forgets
+//! freed pages instead of paging them.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use crate::extents::{round_up, Extents, GRANULE};
+use crate::lock::SpinLock;
+use crate::sys;
+
+static BASE: AtomicU64 = AtomicU64::new(0);
+static END: AtomicU64 = AtomicU64::new(0);
+static EXTENTS: OnceLock<SpinLock<Extents>> = OnceLock::new();
+static FULL_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Starts serving allocations from `[base, base+len)`.
+pub fn install(base: u64, len: u64) {
+    if EXTENTS.set(SpinLock::new(Extents::new(base, len))).is_ok() {
+        BASE.store(base, Ordering::Release);
+        END.store(base + len, Ordering::Release);
+    }
+}
+
+/// Whether `p` points into the arena.
+pub fn contains(p: *const c_void) -> bool {
+    let a = p as u64;
+    a >= BASE.load(Ordering::Acquire) && a < END.load(Ordering::Acquire)
+}
+
+fn extents() -> &'static SpinLock<Extents> {
+    EXTENTS.get().expect("arena used before install")
+}
+
+/// A zeroed block of at least `size` bytes aligned to `align`; null when
+/// the arena is full (the caller then falls back to glibc).
+pub fn alloc(size: usize, align: usize) -> *mut c_void {
+    let Some(ex) = EXTENTS.get() else {
+        return std::ptr::null_mut();
+    };
+    match ex.lock().alloc(size as u64, align as u64) {
+        Some(a) => a as *mut c_void,
+        None => {
+            if !FULL_WARNED.swap(true, Ordering::Relaxed) {
+                sys::write_stderr(
+                    "dmem: the managed arena is full (raise DMEM_ARENA); \
+                     further large blocks come from glibc, unmanaged\n",
+                );
+            }
+            std::ptr::null_mut()
+        }
+    }
+}
+
+/// Size of the block at `p` (0 if `p` does not start a block).
+pub fn usable_size(p: *const c_void) -> usize {
+    extents().lock().len_at(p as u64).unwrap_or(0) as usize
+}
+
+/// Frees the block at `p`.
+pub fn free(p: *mut c_void) {
+    let Some(len) = extents().lock().len_at(p as u64) else {
+        sys::die("dmem: free(): invalid pointer into managed memory (double free?)\n");
+    };
+    release(p as u64, len);
+}
+
+/// Drops `[start, start+len)` and returns it to the free lists. The range
+/// is dropped first: until it is back in the lists nobody else can be
+/// handed it, so no one's data is ever zapped.
+fn release(start: u64, len: u64) {
+    if let Err(e) = sys::dontneed(start, len) {
+        sys::die(&format!(
+            "dmem: cannot drop freed managed memory at {start:#x} (errno {e})\n"
+        ));
+    }
+    if extents().lock().release(start, len).is_err() {
+        sys::die("dmem: freed managed memory that was not allocated (double free?)\n");
+    }
+}
+
+/// Resizes the block at `p` (from the arena) to `size` bytes, in place
+/// when it can. Returns null (and leaves `p` alone) when no memory is left.
+pub fn realloc(p: *mut c_void, size: usize, min_alloc: usize) -> *mut c_void {
+    let Some(old) = extents().lock().len_at(p as u64) else {
+        sys::die("dmem: realloc(): invalid pointer into managed memory\n");
+    };
+    let want = round_up(size.max(1) as u64, GRANULE);
+    if size >= min_alloc {
+        if want <= old {
+            if want < old {
+                release(p as u64 + want, old - want);
+            }
+            return p;
+        }
+        if extents().lock().grow_in_place(p as u64, want) {
+            return p;
+        }
+    }
+    // Move: to glibc when it became small, else elsewhere in the arena.
+    let new = if size < min_alloc {
+        sys::libc_malloc(size)
+    } else {
+        let n = alloc(size, 16);
+        if n.is_null() {
+            sys::libc_malloc(size)
+        } else {
+            n
+        }
+    };
+    if new.is_null() {
+        return new;
+    }
+    // SAFETY: `p` is a live block of `old` bytes, `new` a fresh one of at
+    // least `size`; they are distinct blocks.
+    unsafe { sys::copy(new, p, (old as usize).min(size)) };
+    free(p);
+    new
+}
+
+/// Held across `fork()` (see `fork`): the child inherits consistent lists.
+pub fn lock_for_fork() {
+    if let Some(ex) = EXTENTS.get() {
+        ex.acquire();
+    }
+}
+
+pub fn unlock_after_fork() {
+    if let Some(ex) = EXTENTS.get() {
+        ex.release();
+    }
+}

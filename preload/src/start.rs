@@ -1,0 +1,79 @@
+//! What the shim does when it is loaded: read its settings, attach to the
+//! pager (reserve and register the arena, start the agent), then turn on
+//! the managed malloc path. A program that would run without the shim
+//! always runs with it: when the pager cannot be reached it runs unmanaged
+//! and says so once, unless `DMEM_REQUIRE=1` asks for an error instead.
+
+use std::sync::OnceLock;
+
+use dmem_pager::app::{AppConfig, AppSession};
+
+use crate::config::Config;
+use crate::{arena, fork, malloc};
+
+/// The live session (its uffd copy and agent stay for the process's life).
+pub static SESSION: OnceLock<Session> = OnceLock::new();
+
+pub struct Session {
+    pub app: AppSession,
+    pub cfg: Config,
+}
+
+// SAFETY: AppSession holds file descriptors, a join handle and plain
+// numbers, all usable from any thread; it is never mutated after start.
+unsafe impl Sync for Session {}
+// SAFETY: as above.
+unsafe impl Send for Session {}
+
+pub fn start() {
+    let cfg = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dmem: bad setting: {e}");
+            std::process::exit(2);
+        }
+    };
+    if cfg.disable {
+        return;
+    }
+    if !cfg.inherit {
+        drop_preload_for_children();
+    }
+    let app_cfg = AppConfig {
+        socket: cfg.socket.clone(),
+        arena_len: cfg.arena,
+        local_limit: cfg.local_limit,
+    };
+    match AppSession::attach(&app_cfg) {
+        Ok(app) => {
+            arena::install(app.arena_ptr() as u64, app.arena_len() as u64);
+            malloc::enable(cfg.min_alloc);
+            let _ = SESSION.set(Session { app, cfg });
+            fork::install();
+        }
+        Err(e) if cfg.require => {
+            eprintln!("dmem: {e}; DMEM_REQUIRE=1 is set, so not running unmanaged");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("dmem: {e}; running this program without dmem (unmanaged)");
+        }
+    }
+}
+
+/// `DMEM_INHERIT=0`: programs this one executes run without the shim.
+fn drop_preload_for_children() {
+    let Ok(v) = std::env::var("LD_PRELOAD") else {
+        return;
+    };
+    let kept: Vec<&str> = v
+        .split([' ', ':'])
+        .filter(|p| !p.is_empty() && !p.ends_with("libdmem.so"))
+        .collect();
+    // Single-threaded here: the loader runs constructors before main.
+    if kept.is_empty() {
+        std::env::remove_var("LD_PRELOAD");
+    } else {
+        std::env::set_var("LD_PRELOAD", kept.join(":"));
+    }
+}

@@ -1,0 +1,124 @@
+//! OS and libc calls of the shim: glibc's own allocator entry points (the
+//! shim's fallback and the allocator of its Rust code), `madvise`, and the
+//! errno helpers the malloc family needs.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+extern "C" {
+    fn __libc_malloc(size: usize) -> *mut c_void;
+    fn __libc_free(ptr: *mut c_void);
+    fn __libc_calloc(n: usize, size: usize) -> *mut c_void;
+    fn __libc_realloc(ptr: *mut c_void, size: usize) -> *mut c_void;
+    fn __libc_memalign(align: usize, size: usize) -> *mut c_void;
+}
+
+/// glibc's malloc, bypassing the shim.
+pub fn libc_malloc(size: usize) -> *mut c_void {
+    // SAFETY: plain call into glibc's allocator; any size is valid.
+    unsafe { __libc_malloc(size) }
+}
+
+/// glibc's free. `ptr` must come from glibc's allocator (or be null).
+pub fn libc_free(ptr: *mut c_void) {
+    // SAFETY: the caller routes only glibc-owned pointers (or null) here;
+    // `free` dispatches by address.
+    unsafe { __libc_free(ptr) }
+}
+
+pub fn libc_calloc(n: usize, size: usize) -> *mut c_void {
+    // SAFETY: glibc checks the product for overflow itself.
+    unsafe { __libc_calloc(n, size) }
+}
+
+/// glibc's realloc of a glibc-owned pointer (or null).
+pub fn libc_realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: the caller routes only glibc-owned pointers (or null) here.
+    unsafe { __libc_realloc(ptr, size) }
+}
+
+pub fn libc_memalign(align: usize, size: usize) -> *mut c_void {
+    // SAFETY: glibc validates the alignment itself.
+    unsafe { __libc_memalign(align, size) }
+}
+
+type UsableFn = unsafe extern "C" fn(*mut c_void) -> usize;
+static USABLE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+
+/// glibc's `malloc_usable_size` (found with `dlsym(RTLD_NEXT)`, since the
+/// shim exports its own).
+pub fn libc_usable_size(ptr: *mut c_void) -> usize {
+    if ptr.is_null() {
+        return 0;
+    }
+    let mut f = USABLE.load(Ordering::Acquire);
+    if f.is_null() {
+        // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT skips this
+        // library and finds glibc's definition.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr()) };
+        if f.is_null() {
+            return 0;
+        }
+        USABLE.store(f, Ordering::Release);
+    }
+    // SAFETY: `f` is glibc's malloc_usable_size, whose signature this is.
+    let f: UsableFn = unsafe { std::mem::transmute::<*mut c_void, UsableFn>(f) };
+    // SAFETY: `ptr` is a live glibc block (the caller dispatched by address).
+    unsafe { f(ptr) }
+}
+
+/// Drops the pages of `[addr, addr+len)`: they read as zeros afterwards
+/// (and the pager forgets them, through the uffd REMOVE event).
+pub fn dontneed(addr: u64, len: u64) -> Result<(), i32> {
+    // SAFETY: the range lies in the shim's arena, which stays mapped for
+    // the life of the process; the caller owns it (freed by the program).
+    let rc = unsafe { libc::madvise(addr as *mut c_void, len as usize, libc::MADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+fn errno_slot() -> *mut i32 {
+    // SAFETY: no preconditions; returns this thread's errno slot.
+    unsafe { libc::__errno_location() }
+}
+
+pub fn errno() -> i32 {
+    // SAFETY: the slot is valid for the life of the thread.
+    unsafe { *errno_slot() }
+}
+
+pub fn set_errno(v: i32) {
+    // SAFETY: the slot is valid for the life of the thread.
+    unsafe { *errno_slot() = v }
+}
+
+/// Copies `len` bytes between non-overlapping buffers.
+///
+/// # Safety
+/// Both ranges must be valid for `len` bytes and not overlap.
+pub unsafe fn copy(dst: *mut c_void, src: *const c_void, len: usize) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::ptr::copy_nonoverlapping(src.cast::<u8>(), dst.cast::<u8>(), len) }
+}
+
+/// Writes a message to stderr without allocating (usable anywhere).
+pub fn write_stderr(msg: &str) {
+    let mut b = msg.as_bytes();
+    while !b.is_empty() {
+        // SAFETY: writes from a valid buffer to fd 2.
+        let n = unsafe { libc::write(2, b.as_ptr().cast(), b.len()) };
+        if n <= 0 {
+            return;
+        }
+        b = &b[n as usize..];
+    }
+}
+
+/// Ends the program at once, with `msg` on stderr.
+pub fn die(msg: &str) -> ! {
+    write_stderr(msg);
+    std::process::abort();
+}
