@@ -13,7 +13,7 @@
 //! the agent stops the program with a message: silent zeros are never an
 //! option.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
@@ -56,7 +56,9 @@ pub struct AppSession {
     base: u64,
     len: usize,
     welcome: Welcome,
-    _uffd: Uffd,
+    socket: PathBuf,
+    agent_fd: RawFd,
+    uffd: Uffd,
     _agent: JoinHandle<()>,
 }
 
@@ -113,6 +115,7 @@ impl AppSession {
         )
         .map_err(AppError::Uffd)?;
         let sock = std::sync::Arc::new(connect_pager(&cfg.socket)?);
+        let agent_fd = sock.as_raw_fd();
         let watched = std::sync::Arc::clone(&sock);
 
         // The agent announces its own tid, so it starts first and waits for
@@ -150,9 +153,35 @@ impl AppSession {
             base,
             len,
             welcome,
-            _uffd: uffd,
+            socket: cfg.socket.clone(),
+            agent_fd,
+            uffd,
             _agent: agent,
         })
+    }
+
+    /// Stops the pager from evicting this process's pages until the
+    /// returned connection closes (see `wire::Msg::Hold`). Returns the
+    /// connection and how many pages are out of the process.
+    pub fn hold(&self) -> Result<(OwnedFd, u64), AppError> {
+        let conn = connect_pager(&self.socket)?;
+        let msg = wire::encode(&Msg::Hold {
+            session: self.welcome.session,
+        });
+        sys::send_with_fds(conn.as_raw_fd(), &msg, &[]).map_err(AppError::Io)?;
+        let mut buf = vec![0u8; MAX_MSG];
+        match recv_msg(&conn, &mut buf)? {
+            (Some(Msg::Held { pages_out }), _) => Ok((conn, pages_out)),
+            (Some(Msg::Refused(why)), _) => Err(AppError::Refused(why)),
+            (None, _) => Err(AppError::Protocol("pager closed the connection".into())),
+            (Some(other), _) => Err(AppError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Descriptors a forked child inherits and must close: the uffd copy
+    /// and the agent channel (both belong to the parent's session).
+    pub fn inherited_fds(&self) -> [RawFd; 2] {
+        [self.uffd.as_raw_fd(), self.agent_fd]
     }
 
     pub fn arena_ptr(&self) -> *mut u8 {

@@ -158,8 +158,47 @@ fn handle(pager: Arc<Pager>, conn: OwnedFd, socket_path: &str) {
             }
             Err(why) => refuse(&conn, &why),
         },
+        Msg::Hold { session } => hold(&pager, session, peer_pid, &conn),
         other => refuse(&conn, &format!("unexpected first message {other:?}")),
     }
+}
+
+/// An app about to fork: stop evicting its pages until this connection
+/// closes (the app brings its pages back so the child gets a full copy).
+/// Only the app itself may ask.
+fn hold(pager: &Pager, session: u64, peer_pid: i32, conn: &OwnedFd) {
+    let Some(s) = pager.sessions.get(&session).map(|s| Arc::clone(&s)) else {
+        return refuse(conn, &format!("no session {session}"));
+    };
+    if s.pid != peer_pid {
+        return refuse(
+            conn,
+            &format!("session {session} belongs to pid {}, not {peer_pid}", s.pid),
+        );
+    }
+    s.hold();
+    let out = {
+        let st = s.lock();
+        (st.counts.cached + st.counts.remote) as u64
+    };
+    let reply = wire::encode(&Msg::Held { pages_out: out });
+    if sys::send_with_fds(conn.as_raw_fd(), &reply, &[]).is_ok() {
+        // Held until the app (and its child's copy) close the connection,
+        // or the app dies.
+        let _ = setsockopt(conn, sockopt::ReceiveTimeout, &TimeVal::new(0, 0));
+        let mut buf = [0u8; 64];
+        while !s.is_dead() {
+            match sys::poll_in(conn.as_raw_fd(), 200) {
+                Ok(false) => continue,
+                Ok(true) => match sys::recv_with_fds(conn.as_raw_fd(), &mut buf) {
+                    Ok((n, _)) if n > 0 => continue,
+                    _ => break,
+                },
+                Err(_) => break,
+            }
+        }
+    }
+    s.release_hold();
 }
 
 /// Validates a registration; says exactly what is wrong.

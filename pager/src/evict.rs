@@ -37,6 +37,9 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
     let mut warned = false;
     while !s.is_dead() {
         s.wait_kick(Duration::from_millis(20));
+        let Some(_pass) = s.begin_eviction_pass() else {
+            continue; // held: the app is forking
+        };
         let high = s.limit_pages.saturating_sub(2 * s.batch);
         let low = s.limit_pages.saturating_sub(3 * s.batch);
         let (local, cached) = {
@@ -50,7 +53,7 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
         let mut local = local;
         let mut cached = cached;
         let mut no_space = false;
-        while local > low && !s.is_dead() {
+        while local > low && !s.is_dead() && !s.held() {
             let quota = cache_quota(s, pager);
             let progress = if cached >= quota || pager.cache.free_frames() < s.batch / 2 {
                 shrink_cache(s, pager, &mut no_space) || evict_resident(s, pager, false)

@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -137,6 +137,10 @@ pub struct Session {
     pub dead: AtomicBool,
     kick: (Mutex<bool>, Condvar),
     pub next_batch: AtomicU64,
+    /// Open holds (the app is forking): no eviction starts while > 0.
+    holds: AtomicUsize,
+    /// The evictor is in a pass (see `hold`).
+    evicting: AtomicBool,
 }
 
 impl Session {
@@ -182,7 +186,42 @@ impl Session {
             dead: AtomicBool::new(false),
             kick: (Mutex::new(false), Condvar::new()),
             next_batch: AtomicU64::new(1),
+            holds: AtomicUsize::new(0),
+            evicting: AtomicBool::new(false),
         }
+    }
+
+    /// Stops evictions (the app is about to fork and brings its pages
+    /// back): returns once no eviction is in flight. Faults are served over
+    /// the limit meanwhile. Undone by `release_hold`.
+    ///
+    /// The evictor announces a pass (`evicting`) before it checks `held`,
+    /// and the holder counts itself before it checks `evicting` (both
+    /// SeqCst), so either the evictor sees the hold or the holder waits for
+    /// the pass to end.
+    pub fn hold(&self) {
+        self.holds.fetch_add(1, Ordering::SeqCst);
+        self.kick_evictor();
+        while self.evicting.load(Ordering::SeqCst) && !self.is_dead() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    pub fn release_hold(&self) {
+        self.holds.fetch_sub(1, Ordering::SeqCst);
+        self.kick_evictor();
+    }
+
+    pub fn held(&self) -> bool {
+        self.holds.load(Ordering::SeqCst) > 0
+    }
+
+    /// Evictor side: starts a pass unless held; the pass lasts as long as
+    /// the returned guard.
+    pub fn begin_eviction_pass(&self) -> Option<EvictionPass<'_>> {
+        self.evicting.store(true, Ordering::SeqCst);
+        let pass = EvictionPass(&self.evicting);
+        (!self.held()).then_some(pass)
     }
 
     /// Eviction batch for a limit: 1/32 of it, within 8..=MAX_BATCH pages.
@@ -433,7 +472,7 @@ impl Session {
                 self.wake(f.page, PAGE);
             }
             (false, Place::Zero | Place::Cached | Place::Remote) => {
-                if !st.stuck && Self::local(&st) >= self.limit_pages {
+                if !st.stuck && !self.held() && Self::local(&st) >= self.limit_pages {
                     if f.at.elapsed() < Duration::from_secs(2) {
                         c.add(&c.faults_throttled, 1);
                         self.kick_evictor();
@@ -656,6 +695,15 @@ impl Session {
             slots,
             "app detached; released its cache frames and remote slots"
         );
+    }
+}
+
+/// An eviction pass in progress (see `Session::hold`).
+pub struct EvictionPass<'a>(&'a AtomicBool);
+
+impl Drop for EvictionPass<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

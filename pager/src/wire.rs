@@ -25,6 +25,8 @@ const K_EVICTED: u16 = 5;
 const K_FATAL: u16 = 6;
 const K_STATS_REQUEST: u16 = 7;
 const K_STATS: u16 = 8;
+const K_HOLD: u16 = 9;
+const K_HELD: u16 = 10;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum WireError {
@@ -92,6 +94,16 @@ pub enum Msg {
     Fatal(String),
     StatsRequest,
     Stats(String),
+    /// First message of a second connection from an app about to fork:
+    /// stop evicting its pages until this connection closes.
+    Hold {
+        session: u64,
+    },
+    /// Evictions of the session are stopped; `pages_out` of its pages are
+    /// not in the app (cached or remote) and must be brought back.
+    Held {
+        pages_out: u64,
+    },
 }
 
 fn put_header(out: &mut Vec<u8>, kind: u16) {
@@ -143,6 +155,14 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
         Msg::Stats(s) => {
             put_header(&mut o, K_STATS);
             o.extend_from_slice(s.as_bytes());
+        }
+        Msg::Hold { session } => {
+            put_header(&mut o, K_HOLD);
+            o.extend_from_slice(&session.to_le_bytes());
+        }
+        Msg::Held { pages_out } => {
+            put_header(&mut o, K_HELD);
+            o.extend_from_slice(&pages_out.to_le_bytes());
         }
     }
     o
@@ -289,6 +309,24 @@ pub fn decode(b: &[u8]) -> Result<Msg, WireError> {
             }
             .text()?,
         ),
+        K_HOLD => {
+            let mut r = Reader {
+                b: body,
+                what: "hold",
+            };
+            let session = r.u64()?;
+            r.end()?;
+            Msg::Hold { session }
+        }
+        K_HELD => {
+            let mut r = Reader {
+                b: body,
+                what: "held",
+            };
+            let pages_out = r.u64()?;
+            r.end()?;
+            Msg::Held { pages_out }
+        }
         k => return Err(WireError::UnknownKind(k)),
     };
     Ok(msg)
@@ -334,6 +372,8 @@ mod tests {
             Msg::Fatal("gone".into()),
             Msg::StatsRequest,
             Msg::Stats("{}".into()),
+            Msg::Hold { session: 5 },
+            Msg::Held { pages_out: 77 },
         ]
     }
 

@@ -124,9 +124,18 @@ pub fn realloc(p: *mut c_void, size: usize, min_alloc: usize) -> *mut c_void {
 }
 
 /// Held across `fork()` (see `fork`): the child inherits consistent lists.
-pub fn lock_for_fork() {
+/// With `bring_back`, first reads every page of every block so that the
+/// pager puts back what it had taken out.
+pub fn lock_for_fork(bring_back: bool) {
     if let Some(ex) = EXTENTS.get() {
-        ex.acquire();
+        let g = ex.lock();
+        if bring_back {
+            for (start, len) in g.allocations() {
+                sys::touch_pages(start, len);
+            }
+        }
+        // Released by `unlock_after_fork`, in parent and child.
+        std::mem::forget(g);
     }
 }
 

@@ -44,6 +44,7 @@ impl Extents {
     }
 
     /// Bytes handed out.
+    #[cfg(test)]
     pub fn used_bytes(&self) -> u64 {
         self.used_bytes
     }

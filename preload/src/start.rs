@@ -16,7 +16,6 @@ pub static SESSION: OnceLock<Session> = OnceLock::new();
 
 pub struct Session {
     pub app: AppSession,
-    pub cfg: Config,
 }
 
 // SAFETY: AppSession holds file descriptors, a join handle and plain
@@ -48,7 +47,7 @@ pub fn start() {
         Ok(app) => {
             arena::install(app.arena_ptr() as u64, app.arena_len() as u64);
             malloc::enable(cfg.min_alloc);
-            let _ = SESSION.set(Session { app, cfg });
+            let _ = SESSION.set(Session { app });
             fork::install();
         }
         Err(e) if cfg.require => {

@@ -122,3 +122,21 @@ pub fn die(msg: &str) -> ! {
     write_stderr(msg);
     std::process::abort();
 }
+
+/// Reads one byte of every page of `[start, start+len)`, so that the pager
+/// installs the pages it holds elsewhere.
+pub fn touch_pages(start: u64, len: u64) {
+    let mut a = start;
+    while a < start + len {
+        // SAFETY: the range is an allocated block of the arena, mapped and
+        // readable; a volatile read keeps the access.
+        unsafe { std::ptr::read_volatile(a as *const u8) };
+        a += 4096;
+    }
+}
+
+pub fn close(fd: i32) {
+    // SAFETY: closes a descriptor this library owns (or the child's copy
+    // of one); nothing uses it afterwards.
+    unsafe { libc::close(fd) };
+}
