@@ -6,7 +6,7 @@
 //! (remote faults and prefetch on the worker pool), `evict` (keeping an app
 //! under its limit), `remote` (transport trait, TCP transport, slot
 //! placement), `cache` (cache tier frames), `pages` (dense page state),
-//! `prefetch` (stream detection), `stats`, `wire` (app <-> pager messages),
+//! `prefetch` (stream detection), `run` (`dmem run`), `stats`, `wire` (app <-> pager messages),
 //! `app` (the app side, used by libdmem.so and tests), `sys` (OS calls).
 
 pub mod app;
@@ -20,6 +20,7 @@ pub mod ping;
 pub mod prefetch;
 pub mod remote;
 pub mod report;
+pub mod run;
 pub mod session;
 pub mod stats;
 pub mod sys;

@@ -1,8 +1,9 @@
 //! The pager as a whole: configuration, the cache tier, the slot space over
 //! all memory nodes, the fetch worker pool and the live sessions.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam::channel::{unbounded, Sender};
@@ -18,6 +19,9 @@ use crate::remote::{RemoteError, SlotSpace, TcpTransport, Transport};
 use crate::session::Session;
 use crate::stats::{self, Counters, Latencies};
 use crate::sys::{Mapping, PAGE};
+
+/// Ended apps whose figures `dmem stats --json` still shows.
+const ENDED_APPS_KEPT: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum PagerError {
@@ -80,6 +84,9 @@ pub struct Pager {
     jobs: Sender<FetchJob>,
     /// Totals of apps that have detached.
     pub ended: Counters,
+    /// Figures of the last apps that detached (newest last), so that a
+    /// launcher (`dmem run`) can report its program's run after it ended.
+    pub ended_apps: Mutex<VecDeque<Value>>,
     pub ended_lat: Latencies,
 }
 
@@ -126,6 +133,7 @@ impl Pager {
             next_session: AtomicU64::new(1),
             jobs: tx,
             ended: Counters::default(),
+            ended_apps: Mutex::new(VecDeque::new()),
             ended_lat: Latencies::default(),
         });
         for i in 0..pager.cfg.workers.max(1) {
@@ -171,6 +179,15 @@ impl Pager {
                 s.run_reader(&p);
                 let _ = evictor.join();
                 s.teardown(&p);
+                let mut figures = p.app_json(&s);
+                figures["ended"] = json!(true);
+                {
+                    let mut ended = crate::lock(&p.ended_apps);
+                    if ended.len() == ENDED_APPS_KEPT {
+                        ended.pop_front();
+                    }
+                    ended.push_back(figures);
+                }
                 p.ended.absorb(&s.counters);
                 p.ended_lat.absorb(&s.lat);
                 p.sessions.remove(&s.id);
@@ -187,22 +204,11 @@ impl Pager {
         let mut apps = Vec::new();
         for e in self.sessions.iter() {
             let s = e.value();
-            let counts = {
-                let st = s.lock();
-                s.counters.peak((st.peak_local * PAGE) as u64);
-                st.counts
-            };
+            apps.push(self.app_json(s));
             total.absorb(&s.counters);
             total_lat.absorb(&s.lat);
-            let mut a = stats::to_json(&s.counters, &s.lat);
-            a["session"] = json!(s.id);
-            a["pid"] = json!(s.pid);
-            a["local_limit_bytes"] = json!(s.limit_pages * PAGE);
-            a["resident_bytes"] = json!(counts.resident * PAGE);
-            a["cache_bytes"] = json!(counts.cached * PAGE);
-            a["remote_pages"] = json!(counts.remote);
-            apps.push(a);
         }
+        let ended_apps: Vec<Value> = crate::lock(&self.ended_apps).iter().cloned().collect();
         let leased = self.space.leased_bytes();
         let memnodes: Vec<Value> = self
             .space
@@ -229,8 +235,26 @@ impl Pager {
             },
             "total": stats::to_json(&total, &total_lat),
             "apps": apps,
+            "ended_apps": ended_apps,
             "memnodes": memnodes,
         })
+    }
+
+    /// One app's figures.
+    fn app_json(&self, s: &Session) -> Value {
+        let counts = {
+            let st = s.lock();
+            s.counters.peak((st.peak_local * PAGE) as u64);
+            st.counts
+        };
+        let mut a = stats::to_json(&s.counters, &s.lat);
+        a["session"] = json!(s.id);
+        a["pid"] = json!(s.pid);
+        a["local_limit_bytes"] = json!(s.limit_pages * PAGE);
+        a["resident_bytes"] = json!(counts.resident * PAGE);
+        a["cache_bytes"] = json!(counts.cached * PAGE);
+        a["remote_pages"] = json!(counts.remote);
+        a
     }
 
     /// Prometheus text for `--metrics`.

@@ -123,6 +123,7 @@ fn pct(h: &Mutex<Histogram<u64>>) -> Value {
         "p99": h.value_at_quantile(0.99),
         "p999": h.value_at_quantile(0.999),
         "max": h.max(),
+        "mean": h.mean(),
     })
 }
 

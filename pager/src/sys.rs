@@ -425,3 +425,59 @@ pub fn poll_in(fd: RawFd, timeout_ms: i32) -> Result<bool, Errno> {
     }
     Ok(rc > 0 && p.revents != 0)
 }
+
+/// Sends `sig` to process `pid` (errors ignored: it may be gone).
+pub fn signal_process(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) };
+}
+
+fn sigset(sigs: &[i32]) -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is a valid value to initialise.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned here.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &s in sigs {
+        // SAFETY: as above; invalid numbers are rejected by the call.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    set
+}
+
+/// Blocks `sigs` in the calling thread (and threads it starts later).
+pub fn block_signals(sigs: &[i32]) {
+    let set = sigset(sigs);
+    // SAFETY: `set` is a valid sigset_t; a null old-set is allowed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Waits for one of `sigs` (blocked beforehand). Returns the signal and
+/// whether the kernel sent it on a terminal's behalf (Ctrl-C, Ctrl-\).
+pub fn wait_signal(sigs: &[i32]) -> Option<(i32, bool)> {
+    let set = sigset(sigs);
+    // SAFETY: an all-zero siginfo_t is a valid out-buffer.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid set and out-buffer.
+    let sig = unsafe { libc::sigwaitinfo(&set, &mut info) };
+    (sig > 0).then_some((sig, info.si_code == libc::SI_KERNEL))
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// MemAvailable from /proc/meminfo, bytes (0 when unknown).
+pub fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

@@ -12,15 +12,21 @@
 //! the parent's memory being local at the moment of the fork.
 
 use std::os::fd::{IntoRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use crate::{arena, start, sys};
 
 /// The hold connection across the fork (-1: none).
 static HOLD_FD: AtomicI32 = AtomicI32::new(-1);
+/// This process is a forked child: the session belongs to an ancestor and
+/// its managed memory is plain memory here.
+static DETACHED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn prepare() {
-    if let Some(s) = start::SESSION.get() {
+    let session = start::SESSION
+        .get()
+        .filter(|_| !DETACHED.load(Ordering::Acquire));
+    if let Some(s) = session {
         match s.app.hold() {
             Ok((conn, pages_out)) => {
                 HOLD_FD.store(conn.into_raw_fd(), Ordering::Release);
@@ -51,6 +57,9 @@ extern "C" fn parent() {
 extern "C" fn child() {
     arena::unlock_after_fork();
     close_hold();
+    if DETACHED.swap(true, Ordering::AcqRel) {
+        return; // a grandchild: the descriptors are closed already
+    }
     if let Some(s) = start::SESSION.get() {
         let fds: [RawFd; 2] = s.app.inherited_fds();
         for fd in fds {

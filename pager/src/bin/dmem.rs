@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use dmem_memnode::size::parse_size;
+use dmem_pager::run::{exit_code, run, RunConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,6 +34,35 @@ enum Cmd {
         /// Single-page read round trips timed.
         #[arg(long, default_value_t = 200)]
         rounds: usize,
+    },
+    /// Run a program with its large allocations paged by dmem.
+    ///
+    /// Uses the host's pager when one answers (and no --memnode is given);
+    /// otherwise starts a pager for this run, and with no --memnode a
+    /// memory node on loopback too. Returns the program's exit status.
+    Run {
+        /// Local memory the program may keep (resident + its cache share),
+        /// e.g. 2G (default: the pager's).
+        #[arg(long, value_parser = parse_size)]
+        local_limit: Option<u64>,
+        /// Memory node HOST:PORT (repeat for several); starts a private pager.
+        #[arg(long)]
+        memnode: Vec<String>,
+        /// File holding the memory nodes' shared token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Pager socket to use (default: $DMEM_SOCKET or the host default).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Write the run's figures as JSON here at exit.
+        #[arg(long)]
+        stats_json: Option<PathBuf>,
+        /// No summary on stderr.
+        #[arg(long)]
+        quiet: bool,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
     },
     /// Live figures of the pager, per app and in total.
     Stats {
@@ -68,6 +99,32 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Run {
+            local_limit,
+            memnode,
+            token_file,
+            socket,
+            stats_json,
+            quiet,
+            cmd,
+        } => {
+            let cfg = RunConfig {
+                local_limit,
+                memnodes: memnode,
+                token_file,
+                socket,
+                stats_json,
+                quiet,
+                cmd,
+            };
+            match run(&cfg) {
+                Ok(st) => ExitCode::from(exit_code(st).clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("dmem run: {e}");
+                    ExitCode::from(125)
+                }
+            }
+        }
         Cmd::Stats { socket, json } => {
             let socket = socket.unwrap_or_else(dmem_pager::daemon::default_socket);
             match dmem_pager::report::fetch_stats(&socket) {
