@@ -1,0 +1,201 @@
+/* Test program for libdmem.so: exercises the malloc family and managed
+ * memory, verifies every word, and prints a digest of what it computed so
+ * that a run under dmem can be compared bit for bit with a plain run.
+ * Usage: heap MODE MIB. Exit status 0 only when every check passed. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <malloc.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static size_t bad;
+#define CHECK(c) do { if (!(c)) { bad++; fprintf(stderr, "check failed line %d: %s\n", __LINE__, #c); } } while (0)
+
+static uint64_t val(uint64_t i, uint64_t v) { return (i + 1) * 0x9E3779B97F4A7C15ull ^ (v * 0xD1B54A32D192ED03ull); }
+static uint64_t rng(uint64_t *s) { *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17; return *s; }
+static uint64_t digest = 1469598103934665603ull;
+static void mix(uint64_t x) { digest = (digest ^ x) * 1099511628211ull; }
+
+/* Blocks of 1 MiB, written sequentially then verified and rewritten at random. */
+static void seq_random(size_t mib) {
+    size_t nb = mib, words = (1 << 20) / 8;
+    uint64_t **b = malloc(nb * sizeof *b);
+    uint32_t *ver = calloc(nb * words, sizeof *ver);
+    for (size_t i = 0; i < nb; i++) {
+        b[i] = malloc(1 << 20);
+        for (size_t j = 0; j < words; j++) b[i][j] = val(i * words + j, 0);
+    }
+    uint64_t s = 88172645463325252ull;
+    for (size_t k = 0; k < nb * 256; k++) {
+        size_t i = rng(&s) % nb, j = rng(&s) % words, w = i * words + j;
+        CHECK(b[i][j] == val(w, ver[w]));
+        ver[w]++;
+        b[i][j] = val(w, ver[w]);
+    }
+    for (size_t i = 0; i < nb; i++)
+        for (size_t j = 0; j < words; j++) {
+            size_t w = i * words + j;
+            if (b[i][j] != val(w, ver[w])) bad++;
+            mix(b[i][j]);
+        }
+    for (size_t i = 0; i < nb; i++) free(b[i]);
+    free(b);
+    free(ver);
+}
+
+/* The malloc family's contract at and around the managed threshold. */
+static void family(size_t mib) {
+    size_t big = mib << 20;
+    unsigned char *p = malloc(big);
+    memset(p, 0xAB, big);
+    free(p);
+    unsigned char *z = calloc(big, 1); /* often the recycled block */
+    for (size_t i = 0; i < big; i += 512) CHECK(z[i] == 0);
+    CHECK(z[big - 1] == 0);
+    free(z);
+    /* realloc from small (glibc) across the threshold, then shrink back */
+    unsigned char *r = malloc(1000);
+    for (int i = 0; i < 1000; i++) r[i] = (unsigned char)(i * 7);
+    r = realloc(r, big);
+    for (int i = 0; i < 1000; i++) CHECK(r[i] == (unsigned char)(i * 7));
+    memset(r + 1000, 0x5A, big - 1000);
+    r = realloc(r, 2 * big);
+    for (int i = 0; i < 1000; i++) CHECK(r[i] == (unsigned char)(i * 7));
+    for (size_t i = 1000; i < big; i += 4093) CHECK(r[i] == 0x5A);
+    r = realloc(r, 600);
+    for (int i = 0; i < 600; i++) CHECK(r[i] == (unsigned char)(i * 7));
+    CHECK(malloc_usable_size(r) >= 600);
+    free(r);
+    CHECK(realloc(malloc(big), 0) == NULL);
+    /* overflow and argument checks */
+    errno = 0;
+    CHECK(calloc(SIZE_MAX / 2, 4) == NULL && errno == ENOMEM);
+    errno = 0;
+    CHECK(reallocarray(NULL, SIZE_MAX / 2, 4) == NULL && errno == ENOMEM);
+    void *m = NULL;
+    CHECK(posix_memalign(&m, 24, big) == EINVAL && m == NULL);
+    CHECK(posix_memalign(&m, 1 << 21, big) == 0 && ((uintptr_t)m & ((1 << 21) - 1)) == 0);
+    memset(m, 1, big);
+    errno = 12345;
+    free(m);
+    CHECK(errno == 12345);
+    void *a = aligned_alloc(1 << 16, big);
+    CHECK(a && ((uintptr_t)a & 0xffff) == 0);
+    CHECK(malloc_usable_size(a) >= big);
+    free(a);
+    void *v = valloc(big), *pv = pvalloc(big + 1), *ma = memalign(100, big);
+    CHECK(v && ((uintptr_t)v & 4095) == 0);
+    CHECK(pv && ((uintptr_t)pv & 4095) == 0 && malloc_usable_size(pv) >= big + 4096);
+    CHECK(ma && ((uintptr_t)ma & 127) == 0);
+    free(v); free(pv); free(ma);
+    free(NULL);
+    mix(bad);
+}
+
+struct targ { uint64_t *a; size_t n, t, nt; };
+static void *worker(void *x) {
+    struct targ *g = x;
+    uint64_t s = 0x1234567 + g->t;
+    /* each thread owns the words i with i % nt == t; reads everything */
+    for (size_t k = 0; k < 20000; k++) {
+        size_t i = rng(&s) % g->n;
+        uint64_t w = g->a[i];
+        if (w != val(i, 0) && w != val(i, 1)) __atomic_add_fetch(&bad, 1, __ATOMIC_RELAXED);
+        size_t o = (i / g->nt) * g->nt + g->t;
+        if (o < g->n) g->a[o] = val(o, 1);
+    }
+    return NULL;
+}
+static void threads(size_t mib) {
+    size_t n = (mib << 20) / 8, nt = 4;
+    uint64_t *a = malloc(n * 8);
+    for (size_t i = 0; i < n; i++) a[i] = val(i, 0);
+    pthread_t th[4]; struct targ g[4];
+    for (size_t t = 0; t < nt; t++) { g[t] = (struct targ){a, n, t, nt}; pthread_create(&th[t], 0, worker, &g[t]); }
+    for (size_t t = 0; t < nt; t++) pthread_join(th[t], 0);
+    for (size_t i = 0; i < n; i++) CHECK(a[i] == val(i, 0) || a[i] == val(i, 1));
+    free(a);
+}
+
+/* read(2)/write(2) with managed (evicted) buffers, then DONTNEED. */
+static void syscalls(size_t mib) {
+    size_t n = mib << 20;
+    uint64_t *src = malloc(n), *dst = malloc(n);
+    for (size_t i = 0; i < n / 8; i++) src[i] = val(i, 9);
+    char path[] = "/tmp/dmem-heap-XXXXXX";
+    int fd = mkstemp(path);
+    unlink(path);
+    for (size_t off = 0; off < n;) { ssize_t w = write(fd, (char *)src + off, n - off); CHECK(w > 0); if (w <= 0) break; off += w; }
+    lseek(fd, 0, SEEK_SET);
+    for (size_t off = 0; off < n;) { ssize_t r = read(fd, (char *)dst + off, n - off); CHECK(r > 0); if (r <= 0) break; off += r; }
+    close(fd);
+    CHECK(memcmp(src, dst, n) == 0);
+    /* DONTNEED on managed memory: zeros afterwards, neighbours intact */
+    size_t lo = (((uintptr_t)dst + 4096) & ~(uintptr_t)4095) - (uintptr_t)dst;
+    CHECK(madvise((char *)dst + lo, n / 2, MADV_DONTNEED) == 0);
+    for (size_t i = 0; i < n / 8; i++) {
+        size_t byte = i * 8;
+        uint64_t want = (byte >= lo && byte < lo + n / 2) ? 0 : val(i, 9);
+        if (dst[i] != want) bad++;
+    }
+    for (size_t i = 0; i < n / 8; i += 511) mix(src[i]);
+    free(src); free(dst);
+}
+
+/* fork: parent and child each modify the heap afterwards; each must see
+ * exactly its own view (including pages evicted at the time of the fork). */
+static void forked(size_t mib) {
+    size_t n = (mib << 20) / 8;
+    uint64_t *a = malloc(n * 8);
+    for (size_t i = 0; i < n; i++) a[i] = val(i, 1);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        size_t cb = 0;
+        for (size_t i = 0; i < n; i++) if (a[i] != val(i, 1)) cb++;
+        for (size_t i = 0; i < n; i += 3) a[i] = val(i, 2);
+        for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % 3 == 0 ? 2 : 1)) cb++;
+        _exit(cb ? 1 : 0);
+    }
+    for (size_t i = 1; i < n; i += 3) a[i] = val(i, 3);
+    int st = 0;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % 3 == 1 ? 3 : 1)) bad++;
+    for (size_t i = 0; i < n; i += 511) mix(a[i]);
+    free(a);
+}
+
+/* Touches memory forever (until killed), for the pager-death test. */
+static void forever(size_t mib) {
+    size_t n = (mib << 20) / 8;
+    uint64_t *a = malloc(n * 8);
+    for (size_t i = 0; i < n; i++) a[i] = val(i, 5);
+    printf("ready\n");
+    fflush(stdout);
+    for (uint64_t round = 0;; round++)
+        for (size_t i = 0; i < n; i += 512)
+            if (a[i] != val(i, 5)) { fprintf(stderr, "WRONG DATA at word %zu\n", i); exit(3); }
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) { fprintf(stderr, "usage: heap MODE MIB\n"); return 2; }
+    size_t mib = strtoul(argv[2], 0, 10);
+    const char *m = argv[1];
+    if (!strcmp(m, "seq-random")) seq_random(mib);
+    else if (!strcmp(m, "family")) family(mib);
+    else if (!strcmp(m, "threads")) threads(mib);
+    else if (!strcmp(m, "syscalls")) syscalls(mib);
+    else if (!strcmp(m, "fork")) forked(mib);
+    else if (!strcmp(m, "forever")) forever(mib);
+    else { fprintf(stderr, "unknown mode %s\n", m); return 2; }
+    printf("%s digest=%016llx bad=%zu\n", m, (unsigned long long)digest, bad);
+    return bad ? 1 : 0;
+}

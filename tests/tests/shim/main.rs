@@ -1,0 +1,356 @@
+//! End-to-end tests of libdmem.so and `dmem run`: real programs (C test
+//! programs compiled here, python3 with numpy, coreutils `sort`, sqlite)
+//! run under the real shim, pager and memory node, with outputs compared
+//! byte for byte against plain runs of the same programs. Each run also
+//! proves that paging really happened (evictions and faults served from
+//! the memory node), so a shim that silently did nothing fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use dmem_tests::{bin_path, run_cmd, TempDir};
+
+/// The C test program (tests/programs/heap.c), compiled once per test run.
+fn heap_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("programs/heap.c");
+        let out = std::env::temp_dir().join(format!("dmem-heap-{}", std::process::id()));
+        let st = Command::new("cc")
+            .args(["-O2", "-pthread", "-Wno-alloc-size-larger-than", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("a C compiler (cc) is needed: scripts/setup.sh installs build-essential");
+        assert!(st.success(), "cannot compile {}", src.display());
+        out
+    })
+    .clone()
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    stats: serde_json::Value,
+}
+
+/// `dmem run --local-limit LIMIT --stats-json ... -- cmd`.
+fn dmem_run(limit: &str, cmd: &[&str], env: &[(&str, &str)]) -> Run {
+    let dir = TempDir::new("shim-run");
+    let stats = dir.path().join("stats.json");
+    let mut c = Command::new(bin_path("dmem"));
+    c.args(["run", "--local-limit", limit, "--stats-json"])
+        .arg(&stats)
+        .arg("--")
+        .args(cmd);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let (st, stdout, stderr) = run_cmd(&mut c);
+    let stats = std::fs::read_to_string(&stats)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Run {
+        code: st.code().unwrap_or(-1),
+        stdout,
+        stderr,
+        stats,
+    }
+}
+
+fn plain(cmd: &[&str]) -> (i32, String) {
+    let (st, out, err) = run_cmd(Command::new(cmd[0]).args(&cmd[1..]));
+    assert!(st.success(), "plain run of {cmd:?} failed: {err}");
+    (st.code().unwrap_or(-1), out)
+}
+
+fn n(v: &serde_json::Value, p: &str) -> u64 {
+    v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
+/// The run paged: pages left the program and came back from the memory
+/// node (so the comparison with the plain run means something).
+fn assert_paged(r: &Run, what: &str) {
+    assert!(
+        n(&r.stats, "/evictions") > 0 && n(&r.stats, "/faults/remote") > 0,
+        "{what}: no paging happened under dmem (stats {})\nstderr: {}",
+        r.stats,
+        r.stderr
+    );
+}
+
+/// Runs the C program in `mode` plainly and under dmem at 1/4 of its heap.
+fn heap_mode(mode: &str, mib: u64) -> Run {
+    let bin = heap_bin();
+    let b = bin.to_str().unwrap();
+    let m = mib.to_string();
+    let (_, want) = plain(&[b, mode, &m]);
+    let limit = format!("{}M", mib / 4);
+    let r = dmem_run(&limit, &[b, mode, &m], &[]);
+    assert_eq!(
+        r.code, 0,
+        "{mode} under dmem failed:\n{}\n{}",
+        r.stdout, r.stderr
+    );
+    assert_eq!(r.stdout, want, "{mode}: output differs from the plain run");
+    assert!(
+        r.stderr.contains("dmem: "),
+        "no summary on stderr: {}",
+        r.stderr
+    );
+    r
+}
+
+#[test]
+fn c_heap_four_times_the_limit_sequential_and_random() {
+    let r = heap_mode("seq-random", 96);
+    assert_paged(&r, "seq-random");
+    let peak = n(&r.stats, "/peak_resident_bytes");
+    assert!(
+        peak > 0 && peak <= 24 << 20,
+        "peak local {peak} above the 24M limit"
+    );
+}
+
+#[test]
+fn c_malloc_family_semantics() {
+    heap_mode("family", 32);
+}
+
+#[test]
+fn c_threads_share_a_paged_heap() {
+    let r = heap_mode("threads", 32);
+    assert_paged(&r, "threads");
+}
+
+#[test]
+fn c_read_write_syscalls_on_evicted_buffers_and_dontneed() {
+    let r = heap_mode("syscalls", 48);
+    assert_paged(&r, "syscalls");
+}
+
+#[test]
+fn c_fork_parent_and_child_each_see_their_own_memory() {
+    let r = heap_mode("fork", 64);
+    assert_paged(&r, "fork");
+}
+
+const NUMPY_JOB: &str = r#"
+import hashlib, sys
+import numpy as np
+n = int(sys.argv[1])
+rng = np.random.default_rng(7)
+a = rng.standard_normal((n, n))
+b = rng.standard_normal((n, n))
+c = a @ b
+s = np.sort(c, axis=None)
+print(hashlib.sha256(c.tobytes()).hexdigest())
+print(repr(float(c.sum())), repr(float(a.mean())), repr(float(s[len(s) // 3])))
+print(repr(float(np.linalg.norm(b, axis=0).max())))
+"#;
+
+#[test]
+fn numpy_matmul_and_reductions_match_a_plain_run() {
+    let dir = TempDir::new("numpy");
+    let job = dir.write("job.py", NUMPY_JOB);
+    let job = job.to_str().unwrap();
+    // 1280^2 doubles = 12.5 MiB per array; a, b, c and the sort: 50 MiB.
+    let (_, want) = plain(&["python3", job, "1280"]);
+    let r = dmem_run(
+        "12M",
+        &["python3", job, "1280"],
+        &[("OPENBLAS_NUM_THREADS", "2")],
+    );
+    assert_eq!(r.code, 0, "numpy under dmem failed: {}", r.stderr);
+    assert_eq!(r.stdout, want, "numpy results differ from the plain run");
+    assert_paged(&r, "numpy");
+}
+
+const MP_JOB: &str = r#"
+import multiprocessing as mp, hashlib, sys
+import numpy as np
+big = np.arange(int(sys.argv[1]) * 131072, dtype=np.float64) * 1.5
+
+def part(k):
+    # The child reads the parent's array, inherited through fork.
+    chunk = np.array_split(big, 4)[k]
+    return hashlib.sha256(chunk.tobytes()).hexdigest(), float(chunk.sum())
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    with ctx.Pool(2) as pool:
+        for h, s in pool.map(part, range(4)):
+            print(h, repr(s))
+    big[::7] = -1.0
+    print(hashlib.sha256(big.tobytes()).hexdigest())
+"#;
+
+#[test]
+fn python_multiprocessing_fork_reads_the_parents_arrays() {
+    let dir = TempDir::new("mp");
+    let job = dir.write("mp.py", MP_JOB);
+    let job = job.to_str().unwrap();
+    let (_, want) = plain(&["python3", job, "64"]);
+    let r = dmem_run("16M", &["python3", job, "64"], &[]);
+    assert_eq!(r.code, 0, "multiprocessing under dmem failed: {}", r.stderr);
+    assert_eq!(r.stdout, want, "multiprocessing results differ");
+    assert_paged(&r, "multiprocessing");
+}
+
+#[test]
+fn python_many_small_objects_stay_unmanaged_and_run() {
+    let code = "d = {i: str(i) * 3 for i in range(300000)}\nprint(sum(len(v) for v in d.values()))";
+    let (_, want) = plain(&["python3", "-c", code]);
+    let r = dmem_run("64M", &["python3", "-c", code], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, want);
+}
+
+#[test]
+fn sort_with_a_large_buffer_matches_a_plain_run() {
+    let dir = TempDir::new("sort");
+    let mut rng = dmem_tests::Rng::new("sort");
+    let mut text = String::new();
+    for _ in 0..200_000 {
+        text.push_str(&format!("{:016x} {}\n", rng.next_u64(), rng.below(1000)));
+    }
+    let input = dir.write("in.txt", &text);
+    let input = input.to_str().unwrap();
+    let cmd = ["sort", "-S", "32M", "--parallel=1", input];
+    let (st, want, err) = run_cmd(Command::new("sort").args(&cmd[1..]).env("LC_ALL", "C"));
+    assert!(st.success(), "{err}");
+    let r = dmem_run("6M", &cmd, &[("LC_ALL", "C")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout == want, "sort output differs from a plain run");
+    assert_paged(&r, "sort");
+}
+
+const SQLITE_JOB: &str = r#"
+import sqlite3, hashlib
+db = sqlite3.connect(":memory:")
+db.execute("PRAGMA cache_size=-65536")
+db.execute("create table t(k integer primary key, v text)")
+db.executemany("insert into t values(?, ?)", ((i, str(i * 7919 % 100003) * 8) for i in range(200000)))
+h = hashlib.sha256()
+for row in db.execute("select v, count(*) from t group by v order by v limit 5000"):
+    h.update(repr(row).encode())
+print(h.hexdigest())
+"#;
+
+#[test]
+fn python_sqlite_with_a_large_page_cache_matches_a_plain_run() {
+    let dir = TempDir::new("sqlite");
+    let job = dir.write("sq.py", SQLITE_JOB);
+    let job = job.to_str().unwrap();
+    let (_, want) = plain(&["python3", job]);
+    let r = dmem_run("16M", &["python3", job], &[("DMEM_MIN_ALLOC", "64K")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, want, "sqlite results differ");
+}
+
+#[test]
+fn exit_status_is_the_programs() {
+    let r = dmem_run("16M", &["sh", "-c", "exit 7"], &[]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    let r = dmem_run("16M", &["sh", "-c", "kill -9 $$"], &[]);
+    assert_eq!(r.code, 128 + 9, "{}", r.stderr);
+}
+
+#[test]
+fn without_a_pager_the_program_runs_unmanaged_or_fails_when_required() {
+    let dir = TempDir::new("nopager");
+    let bin = heap_bin();
+    let lib = bin_path("libdmem.so");
+    let sock = dir.path().join("nobody.sock");
+    let mut c = Command::new(&bin);
+    c.args(["family", "8"])
+        .env("LD_PRELOAD", &lib)
+        .env("DMEM_SOCKET", &sock);
+    let (st, out, err) = run_cmd(&mut c);
+    assert!(st.success(), "unmanaged run failed: {err}");
+    assert!(out.contains("bad=0"));
+    assert_eq!(
+        err.matches("running this program without dmem").count(),
+        1,
+        "expected exactly one notice: {err}"
+    );
+    let mut c = Command::new(&bin);
+    c.args(["family", "8"])
+        .env("LD_PRELOAD", &lib)
+        .env("DMEM_SOCKET", &sock)
+        .env("DMEM_REQUIRE", "1");
+    let (st, out, err) = run_cmd(&mut c);
+    assert!(!st.success(), "DMEM_REQUIRE=1 without a pager must fail");
+    assert!(out.is_empty(), "the program must not have run: {out}");
+    assert!(err.contains("DMEM_REQUIRE=1"), "{err}");
+    // A bad setting is a clear error, not a silent default.
+    let mut c = Command::new(&bin);
+    c.args(["family", "8"])
+        .env("LD_PRELOAD", &lib)
+        .env("DMEM_MIN_ALLOC", "lots");
+    let (st, _, err) = run_cmd(&mut c);
+    assert!(!st.success());
+    assert!(err.contains("DMEM_MIN_ALLOC"), "{err}");
+}
+
+#[test]
+fn dmem_run_rejects_bad_flags() {
+    let (st, _, err) = dmem_tests::run_dmem(&["run", "--local-limit", "lots", "--", "true"]);
+    assert!(!st.success());
+    assert!(err.contains("lots"), "{err}");
+    let (st, _, err) = dmem_tests::run_dmem(&["run", "--local-limit", "16M"]);
+    assert!(!st.success(), "a command is required");
+    assert!(!err.is_empty());
+    let (st, _, err) = dmem_tests::run_dmem(&["run", "--", "/nonexistent/prog"]);
+    assert_eq!(st.code(), Some(125), "{err}");
+    assert!(err.contains("/nonexistent/prog"), "{err}");
+}
+
+#[test]
+fn pager_killed_mid_run_stops_the_program_with_a_message() {
+    let dir = TempDir::new("pagerkill");
+    let sock = dir.path().join("p.sock");
+    let mut pager =
+        dmem_tests::Pager::start(&["--socket", sock.to_str().unwrap(), "--local-limit", "8M"]);
+    let bin = heap_bin();
+    let mut child = Command::new(&bin)
+        .args(["forever", "32"])
+        .env("LD_PRELOAD", bin_path("libdmem.so"))
+        .env("DMEM_SOCKET", &sock)
+        .env("DMEM_REQUIRE", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut line = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut line).expect("program never got ready");
+    assert_eq!(&line, b"ready\n");
+    pager.kill9();
+    let t = Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "program kept running without its pager"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!st.success());
+    assert!(
+        !err.contains("WRONG DATA"),
+        "the program read wrong data: {err}"
+    );
+    assert!(
+        err.contains("dmem: ") && err.contains("pager"),
+        "no clear message: {err}"
+    );
+}
