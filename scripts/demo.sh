@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One command from a fresh machine: installs everything, builds, starts a
-# memory node on loopback and exercises it with `dmem ping` (authenticate,
-# write, read back and verify pages, time round trips), then shows the node's
-# metrics. Later capabilities turn this into a `dmem run` numpy demo.
+# One command from a fresh machine: installs everything, builds, then runs the
+# main job: a numpy job whose arrays are 4x the local memory it may keep,
+# under `dmem run` (which starts a pager and a loopback memory node), and
+# checks its results against a plain run bit for bit. Then it shows a memory
+# node with token authentication, `dmem ping` and the node's metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +11,19 @@ scripts/setup.sh
 
 bin=target/release
 work=$(mktemp -d)
+node_pid=""
 trap 'kill "$node_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+echo "== main job: numpy with 128 MiB of arrays, 32 MiB local (dmem run --local-limit 32M)"
+"$bin/dmem" run --local-limit 32M --stats-json "$work/stats.json" -- \
+    python3 scripts/numpy_job.py 2048 | tee "$work/dmem.out"
+echo "== the same job without dmem"
+python3 scripts/numpy_job.py 2048 > "$work/plain.out"
+if cmp -s "$work/dmem.out" "$work/plain.out"; then
+  echo "results identical to the plain run"
+else
+  echo "demo: results differ from the plain run" >&2; diff "$work/dmem.out" "$work/plain.out" >&2; exit 1
+fi
 
 # A token file makes the demo exercise authentication as a real deployment would.
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/token"
