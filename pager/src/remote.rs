@@ -236,7 +236,7 @@ impl SlotSpace {
             .iter()
             .any(|s| !s.free.is_empty() && self.usable(s.node))
             || (0..self.nodes.len()).any(|i| {
-                self.usable(i) && !inner.full_since[i].is_some_and(|t| t.elapsed() < FULL_BACKOFF)
+                self.usable(i) && inner.full_since[i].is_none_or(|t| t.elapsed() >= FULL_BACKOFF)
             })
     }
 
