@@ -178,7 +178,8 @@ pub struct SlotSpace {
     leasing: Mutex<()>,
 }
 
-/// Smallest slab (the memory node's own minimum lease).
+/// Smallest slab the pager leases: smaller ones would cost a lease round
+/// trip every few hundred pages written back.
 pub const MIN_SLAB: u64 = 4 << 20;
 /// How long a full node is left alone before asking again.
 const FULL_BACKOFF: Duration = Duration::from_secs(2);
