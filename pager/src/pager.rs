@@ -225,10 +225,12 @@ impl Pager {
             .nodes()
             .iter()
             .zip(leased)
-            .map(|(n, l)| {
+            .enumerate()
+            .map(|(i, (n, l))| {
                 json!({
                     "addr": n.addr(),
                     "transport": n.kind(),
+                    "state": self.space.node_state(i),
                     "leased_bytes": l,
                     "reconnects": n.reconnects(),
                 })

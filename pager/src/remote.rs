@@ -241,6 +241,19 @@ impl SlotSpace {
             })
     }
 
+    /// `up`, `down` (placement skips it until it answers again) or `lost`
+    /// (it no longer has this pager's session).
+    pub fn node_state(&self, i: usize) -> &'static str {
+        let h = &self.health[i];
+        if h.lost.load(Ordering::Acquire) {
+            "lost"
+        } else if h.down.load(Ordering::Acquire) {
+            "down"
+        } else {
+            "up"
+        }
+    }
+
     /// Records a request to node `i` that succeeded: it is up.
     pub fn node_ok(&self, i: usize) {
         let h = &self.health[i];

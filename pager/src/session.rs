@@ -438,8 +438,7 @@ impl Session {
                 self.wake(f.page, PAGE);
             }
             (false, Place::Zero | Place::Cached | Place::Remote) => {
-                // A cache hit moves a local page, it adds none: never held.
-                if m.place != Place::Cached && !st.stuck && Self::local(&st) >= self.limit_pages {
+                if !st.stuck && Self::local(&st) >= self.limit_pages {
                     if f.at.elapsed() < HOLD_BACK {
                         c.add(&c.faults_throttled, 1);
                         self.kick_evictor();

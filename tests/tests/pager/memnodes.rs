@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use dmem_tests::{stat, Memnode, Pager, TcpProxy};
+use dmem_tests::{eventually, stat, Memnode, Pager, TcpProxy, HANG_GUARD};
 use nix::sys::signal::Signal;
 
 use crate::{assert_all_released, MIB};
@@ -186,16 +186,18 @@ fn dead_memnode_new_app_over_its_limit_still_finishes() {
     assert_all_released(&pager);
 }
 
-/// Two nodes; the one holding the pager's slab dies. Write-backs fail over
-/// to the other node: the app's pages go there and come back from there,
-/// every byte right.
+/// Two nodes; the one holding the pager's slab dies. The pager finds out
+/// on its first write-back there and marks it down (an app running then
+/// exceeds its limit meanwhile); from then on write-backs go to the other
+/// node: the next app's pages go there and come back from there, every
+/// byte right.
 #[test]
 fn dead_memnode_write_backs_go_to_the_other_node() {
     let mut nodes = [
         Memnode::start(&["--capacity", "512M"]),
         Memnode::start(&["--capacity", "512M"]),
     ];
-    let mut pager = Pager::start(&[
+    let pager = Pager::start(&[
         "--memnode",
         &nodes[0].addr_string(),
         "--memnode",
@@ -208,17 +210,26 @@ fn dead_memnode_write_backs_go_to_the_other_node() {
     pager.workload("seq", "16M").run().assert_ok();
     let v = pager.stats();
     let leased = |v: &serde_json::Value, i: usize| stat(&v["memnodes"][i], &["leased_bytes"]);
+    let state = |v: &serde_json::Value, i: usize| v["memnodes"][i]["state"].clone();
     // Whichever node got the first slab is the one to kill.
     let (dead, live) = if leased(&v, 0) > 0 { (0, 1) } else { (1, 0) };
     assert!(leased(&v, dead) > 0, "no slab leased: {v:#}");
     assert_eq!(leased(&v, live), 0, "{v:#}");
-    let before = v["total"].clone();
+    assert_eq!(state(&v, dead), "up", "{v:#}");
     nodes[dead].kill9();
-    let mut w = pager.workload("seq", "16M").arg("--rounds", 2).spawn();
-    w.release();
-    let out = w.wait_guarded(Duration::from_secs(60));
-    out.assert_ok();
-    pager.assert_alive();
+    // This app's first write-back goes to the dead node's slab.
+    pager.workload("seq", "16M").run().assert_ok();
+    eventually(HANG_GUARD, "the dead node to be marked down", || {
+        let v = pager.stats();
+        (state(&v, dead) == "down").then_some(())
+    });
+    assert_all_released(&pager);
+    let before = pager.stats()["total"].clone();
+    pager
+        .workload("seq", "16M")
+        .arg("--rounds", 2)
+        .run()
+        .assert_ok();
     assert_all_released(&pager);
     let v = pager.stats();
     let after = v["total"].clone();
@@ -227,6 +238,8 @@ fn dead_memnode_write_backs_go_to_the_other_node() {
         leased(&v, live) > 0,
         "nothing placed on the live node: {v:#}"
     );
+    assert_eq!(state(&v, live), "up", "{v:#}");
+    assert_eq!(state(&v, dead), "down", "{v:#}");
     assert!(delta(&["bytes_written_back"]) > 0, "{v:#}");
     assert!(
         delta(&["faults", "remote"]) > 0,
