@@ -139,6 +139,15 @@ fn handle(pager: Arc<Pager>, conn: OwnedFd, socket_path: &str) {
     let (n, fds) = match sys::recv_with_fds(conn.as_raw_fd(), &mut buf) {
         Ok((0, _)) => return,
         Ok(x) => x,
+        Err(Errno::EMSGSIZE) => {
+            return refuse(
+                &conn,
+                &format!(
+                    "first message too long (more than {MAX_MSG} bytes, or more than 4 \
+                     descriptors): not a dmem client, or a newer one"
+                ),
+            )
+        }
         Err(e) => return refuse(&conn, &format!("cannot read the first message: {e}")),
     };
     let msg = match wire::decode(&buf[..n]) {
@@ -232,6 +241,10 @@ fn check(r: &Register, fds: &[OwnedFd], peer_pid: i32) -> Result<(), String> {
             "local limit {} is below the minimum of 1 MiB",
             r.local_limit
         ));
+    }
+    // Last: a uffd that skipped the handshake is otherwise a good one.
+    if !sys::uffd_initialized(fds[0].as_fd()) {
+        return Err("the userfaultfd was not initialised (UFFDIO_API was not called on it)".into());
     }
     Ok(())
 }

@@ -10,9 +10,19 @@
 //! (valid remote copy) are dropped, dirty ones are written back to fresh
 //! slots and their frames freed only once every memory node involved has
 //! acknowledged the write. A dirty page is never dropped before that.
+//!
+//! Write-backs run on a thread of their own, one at a time per app: the
+//! evictor waits for one as long as the reader holds faults back at the
+//! limit ([`HOLD_BACK`]), then lets the app exceed its limit while the
+//! write-back finishes or fails in the background. A node that does not
+//! answer therefore costs the app one hold-back, not a --fetch-timeout per
+//! batch; its pages stay in their cache frames (faults on them are served
+//! from there), and once it is known down placement goes elsewhere.
 
 use std::os::fd::AsRawFd;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -21,7 +31,7 @@ use crate::app::recv_msg;
 use crate::pager::Pager;
 use crate::pages::{flag, Place, NO_FRAME, NO_SLOT};
 use crate::remote::{checksum, Batch};
-use crate::session::Session;
+use crate::session::{Session, HOLD_BACK};
 use crate::stats::Latencies;
 use crate::sys::{self, Fill, PAGE};
 use crate::wire::{self, EvictEntry, EvictStatus, Msg, NO_COPY};
@@ -32,9 +42,18 @@ struct Victim {
     frame: u32,
 }
 
+/// A write-back running on its own thread.
+struct InFlight {
+    started: Instant,
+    /// The outcome, sent once the pages are settled (kept or freed).
+    done: Receiver<Result<(), String>>,
+    thread: JoinHandle<()>,
+}
+
 /// Runs until the session ends.
-pub fn run(s: &Arc<Session>, pager: &Pager) {
+pub fn run(s: &Arc<Session>, pager: &Arc<Pager>) {
     let mut warned = false;
+    let mut inflight: Option<InFlight> = None;
     while !s.is_dead() {
         s.wait_kick(Duration::from_millis(20));
         let Some(_pass) = s.begin_eviction_pass() else {
@@ -52,11 +71,12 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
         }
         let mut local = local;
         let mut cached = cached;
-        let mut no_space = false;
+        let mut no_space: Option<String> = None;
         while local > low && !s.is_dead() && !s.held() {
             let quota = cache_quota(s, pager);
             let progress = if cached >= quota || pager.cache.free_frames() < s.batch / 2 {
-                shrink_cache(s, pager, &mut no_space) || evict_resident(s, pager, false)
+                shrink_cache(s, pager, &mut inflight, &mut no_space)
+                    || evict_resident(s, pager, false)
             } else {
                 evict_resident(s, pager, true)
             };
@@ -64,11 +84,11 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
             local = Session::local(&st);
             cached = st.counts.cached;
             drop(st);
-            if !progress && !no_space {
+            if !progress && no_space.is_none() {
                 // Nothing evictable right now (pages in transit): wait.
                 break;
             }
-            if no_space {
+            if let Some(why) = &no_space {
                 let mut st = s.lock();
                 if !st.stuck {
                     st.stuck = true;
@@ -79,14 +99,19 @@ pub fn run(s: &Arc<Session>, pager: &Pager) {
                         warn!(
                             session = s.id,
                             pid = s.pid,
-                            "no memory node has room: letting the app exceed its local limit \
-                             rather than lose data"
+                            "cannot move pages to a memory node ({why}): letting the app \
+                             exceed its local limit rather than lose data"
                         );
                     }
                 }
                 break;
             }
         }
+    }
+    // The pages of a write-back still in flight are settled before the
+    // session is torn down (its slots are then released with the rest).
+    if let Some(f) = inflight {
+        let _ = f.thread.join();
     }
 }
 
@@ -122,9 +147,12 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                 continue;
             }
             let m = *m;
+            // A clean page whose only copy lives on a node that is down
+            // is kept like a dirty one: that copy may be gone for good.
+            let needs_copy = m.dirty() || (m.slot != NO_SLOT && !pager.space.slot_usable(m.slot));
             // Clean pages whose content is zeros or part of a stream are
             // dropped; others get a cache frame, their second chance.
-            let drop_clean = !m.dirty() && (m.slot == NO_SLOT || m.has(flag::STREAMED));
+            let drop_clean = !needs_copy && (m.slot == NO_SLOT || m.has(flag::STREAMED));
             let frame = if drop_clean {
                 NO_FRAME
             } else if to_cache {
@@ -132,7 +160,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             } else {
                 NO_FRAME
             };
-            if frame == NO_FRAME && m.dirty() {
+            if frame == NO_FRAME && needs_copy {
                 // Needs a frame it cannot get now: keep it, try later.
                 st.push_resident(page);
                 continue;
@@ -310,16 +338,55 @@ fn await_evicted(s: &Session, batch: u64, n: usize) -> Result<Vec<EvictStatus>, 
     }
 }
 
-/// Moves the app's oldest cache pages out: drop clean, write back dirty.
-/// Sets `no_space` when dirty pages could not be placed on any memory node.
-fn shrink_cache(s: &Session, pager: &Pager, no_space: &mut bool) -> bool {
+/// Moves the app's oldest cache pages out: drop clean, write back dirty
+/// (and clean ones whose remote copy lives on a node that is down). Sets
+/// `no_space` when pages could not be placed on any memory node, or when
+/// the write-back in flight takes longer than the reader holds faults.
+fn shrink_cache(
+    s: &Arc<Session>,
+    pager: &Arc<Pager>,
+    inflight: &mut Option<InFlight>,
+    no_space: &mut Option<String>,
+) -> bool {
+    if let Some(f) = inflight.as_ref() {
+        let left = HOLD_BACK.saturating_sub(f.started.elapsed());
+        match f.done.recv_timeout(left) {
+            Ok(r) => {
+                let f = inflight.take().expect("checked");
+                let _ = f.thread.join();
+                if let Err(e) = r {
+                    *no_space = Some(e);
+                    return false;
+                }
+                // Its pages left: measure again before taking more.
+                return true;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                *no_space = Some(format!(
+                    "a write-back has been waiting for {:.1} s",
+                    f.started.elapsed().as_secs_f64()
+                ));
+                return false;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                // The thread ended without a word (it panicked): its pages
+                // still carry WRITEBACK and will not be taken again.
+                let f = inflight.take().expect("checked");
+                let _ = f.thread.join();
+                *no_space = Some("a write-back thread failed".into());
+                return false;
+            }
+        }
+    }
+    let can_place = pager.space.may_place();
     let mut dropped = 0usize;
-    let mut pages: Vec<(u64, u32)> = Vec::new(); // (page, old slot)
+    let mut pages: Vec<WbPage> = Vec::new();
     let mut data: Vec<u8> = Vec::new();
     {
         let mut st = s.lock();
         let limit = st.cache_fifo.len();
         let mut scanned = 0;
+        let mut kept: Vec<u64> = Vec::new();
         while pages.len() + dropped < s.batch && scanned < limit {
             scanned += 1;
             let Some(page) = st.cache_fifo.pop_front() else {
@@ -333,7 +400,7 @@ fn shrink_cache(s: &Session, pager: &Pager, no_space: &mut bool) -> bool {
                 continue;
             }
             let m = *m;
-            if !m.dirty() {
+            if !m.dirty() && (m.slot == NO_SLOT || pager.space.slot_usable(m.slot)) {
                 pager.cache.release(m.frame);
                 if m.has(flag::PREFETCHED) {
                     s.counters.add(&s.counters.prefetch_waste, 1);
@@ -351,57 +418,137 @@ fn shrink_cache(s: &Session, pager: &Pager, no_space: &mut bool) -> bool {
                 dropped += 1;
                 continue;
             }
-            if let Some(pm) = st.table.get_mut(page) {
-                pm.set(flag::WRITEBACK);
+            if !can_place {
+                // Nowhere to write it: it stays, in its place in the FIFO.
+                kept.push(page);
+                continue;
             }
+            let Some(pm) = st.table.get_mut(page) else {
+                continue;
+            };
+            pm.set(flag::WRITEBACK);
+            // A fault may take the page back meanwhile (served from its
+            // frame); the generation tells the write-back it lost it.
+            pm.gen = pm.gen.wrapping_add(1);
+            let gen = pm.gen;
             let at = data.len();
             data.resize(at + PAGE, 0);
             pager.cache.read(m.frame, &mut data[at..]);
-            pages.push((page, m.slot));
+            pages.push(WbPage {
+                page,
+                old: m.slot,
+                gen,
+            });
+        }
+        for &page in kept.iter().rev() {
+            if let Some(pm) = st.table.get_mut(page) {
+                pm.set(flag::IN_CACHE_FIFO);
+            }
+            st.cache_fifo.push_front(page);
         }
     }
     if pages.is_empty() {
+        if !can_place && dropped == 0 {
+            *no_space = Some(if pager.space.nodes().is_empty() {
+                "no memory node configured".into()
+            } else {
+                "no memory node is reachable and has room".into()
+            });
+        }
         return dropped > 0;
     }
+    let job = Arc::new((pages, data));
+    let (tx, rx) = mpsc::channel();
+    let (s2, p2, j2) = (Arc::clone(s), Arc::clone(pager), Arc::clone(&job));
+    let thread = std::thread::Builder::new()
+        .name(format!("dmem-wb-{}", s.id))
+        .spawn(move || {
+            let r = write_back(&s2, &p2, &j2.0, &j2.1);
+            // Faults held back at the limit may go on now.
+            s2.kick_evictor();
+            let _ = tx.send(r);
+        });
+    match thread {
+        Ok(thread) => {
+            *inflight = Some(InFlight {
+                started: Instant::now(),
+                done: rx,
+                thread,
+            });
+            // Wait for it as a synchronous write-back would, up to the
+            // hold-back; the result is taken on the next call otherwise.
+            shrink_cache(s, pager, inflight, no_space) || dropped > 0
+        }
+        Err(e) => {
+            warn!(
+                session = s.id,
+                "cannot start a write-back thread: {e}; writing back inline"
+            );
+            if let Err(e) = write_back(s, pager, &job.0, &job.1) {
+                *no_space = Some(e);
+                return dropped > 0;
+            }
+            true
+        }
+    }
+}
+
+/// A cache page being written back.
+#[derive(Debug, Clone, Copy)]
+struct WbPage {
+    page: u64,
+    /// Its remote copy before, released once the new one is acknowledged.
+    old: u32,
+    gen: u16,
+}
+
+/// Places and writes `pages` (their bytes in `data`), then settles them:
+/// acknowledged pages leave their frames for their new slots; on failure
+/// they stay cached and dirty, back at the head of the cache FIFO.
+fn write_back(s: &Session, pager: &Pager, pages: &[WbPage], data: &[u8]) -> Result<(), String> {
     let outcome = pager
         .space
         .alloc(pages.len())
         .map_err(|e| (e, Vec::new()))
-        .and_then(
-            |slots| match Batch::new(&pager.space, &slots).write(&data) {
-                Ok(()) => Ok(slots),
-                Err(e) => Err((e, slots)),
-            },
-        );
+        .and_then(|slots| match Batch::new(&pager.space, &slots).write(data) {
+            Ok(()) => Ok(slots),
+            Err(e) => Err((e, slots)),
+        });
     let c = &s.counters;
     let mut st = s.lock();
-    match outcome {
+    let still = |st: &crate::session::State, p: &WbPage| {
+        st.table
+            .get(p.page)
+            .is_some_and(|m| m.place == Place::Cached && m.has(flag::WRITEBACK) && m.gen == p.gen)
+    };
+    let result = match outcome {
         Ok(slots) => {
             // Pages can leave again: hold faults back at the limit.
             st.stuck = false;
-            for (i, &(page, old)) in pages.iter().enumerate() {
-                let crc = checksum(&data[i * PAGE..(i + 1) * PAGE]);
-                let m = st.table.get(page).copied();
-                match m {
-                    Some(m) if m.place == Place::Cached && m.has(flag::WRITEBACK) => {
-                        pager.cache.release(m.frame);
-                        pager.space.decref(old);
-                        if let Some(pm) = st.table.get_mut(page) {
-                            pm.clear(flag::WRITEBACK | flag::DIRTY | flag::PREFETCHED);
-                            pm.slot = slots[i];
-                            pm.crc = crc;
-                            pm.frame = NO_FRAME;
-                        }
-                        st.place(page, Place::Remote);
-                        c.add(&c.bytes_written_back, PAGE as u64);
-                    }
-                    // Freed by the app during the write: the new copy is garbage.
-                    _ => pager.space.decref(slots[i]),
+            for (i, p) in pages.iter().enumerate() {
+                if !still(&st, p) {
+                    // Freed or taken back by the app meanwhile: this copy
+                    // is not its content any more.
+                    pager.space.decref(slots[i]);
+                    continue;
                 }
+                let crc = checksum(&data[i * PAGE..(i + 1) * PAGE]);
+                let Some(pm) = st.table.get_mut(p.page) else {
+                    continue;
+                };
+                let frame = pm.frame;
+                pm.clear(flag::WRITEBACK | flag::DIRTY | flag::PREFETCHED);
+                pm.slot = slots[i];
+                pm.crc = crc;
+                pm.frame = NO_FRAME;
+                pager.cache.release(frame);
+                pager.space.decref(p.old);
+                st.place(p.page, Place::Remote);
+                c.add(&c.bytes_written_back, PAGE as u64);
             }
+            Ok(())
         }
         Err((e, slots)) => {
-            *no_space = true;
             for s2 in slots {
                 pager.space.decref(s2);
             }
@@ -410,23 +557,23 @@ fn shrink_cache(s: &Session, pager: &Pager, no_space: &mut bool) -> bool {
                 session = s.id,
                 "write-back failed, keeping the pages local: {e}"
             );
-            for &(page, _) in pages.iter().rev() {
-                if let Some(pm) = st.table.get_mut(page) {
-                    pm.clear(flag::WRITEBACK);
+            for p in pages.iter().rev() {
+                if !still(&st, p) {
+                    continue;
                 }
-                if st.table.get(page).is_some_and(|m| m.place == Place::Cached) {
-                    if let Some(pm) = st.table.get_mut(page) {
-                        pm.set(flag::IN_CACHE_FIFO);
-                    }
-                    st.cache_fifo.push_front(page);
+                let Some(pm) = st.table.get_mut(p.page) else {
+                    continue;
+                };
+                pm.clear(flag::WRITEBACK);
+                if !pm.has(flag::IN_CACHE_FIFO) {
+                    pm.set(flag::IN_CACHE_FIFO);
+                    st.cache_fifo.push_front(p.page);
                 }
             }
-            drop(st);
-            s.wake_pages(pages.iter().map(|p| p.0));
-            return dropped > 0;
+            Err(e.to_string())
         }
-    }
+    };
     drop(st);
-    s.wake_pages(pages.iter().map(|p| p.0));
-    true
+    s.wake_pages(pages.iter().map(|p| p.page));
+    result
 }

@@ -15,7 +15,7 @@ use tracing::info;
 
 use crate::cache::CachePool;
 use crate::fetch::{self, FetchJob};
-use crate::remote::{RemoteError, SlotSpace, TcpTransport, Transport};
+use crate::remote::{RemoteError, SlotSpace, TcpTransport, Transport, MIN_SLAB};
 use crate::session::Session;
 use crate::stats::{self, Counters, Latencies};
 use crate::sys::{Mapping, PAGE};
@@ -25,7 +25,7 @@ const ENDED_APPS_KEPT: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum PagerError {
-    #[error("cannot reach memory node {addr}: {source}")]
+    #[error("{}", memnode_message(addr, source))]
     Memnode { addr: String, source: RemoteError },
     #[error("cannot allocate the {what}: {source}")]
     Memory {
@@ -34,6 +34,16 @@ pub enum PagerError {
     },
     #[error("{0}")]
     Config(String),
+}
+
+/// The client's errors name the node already; say it once.
+fn memnode_message(addr: &str, source: &RemoteError) -> String {
+    let text = source.to_string();
+    if text.contains(addr) {
+        text
+    } else {
+        format!("cannot reach memory node {addr}: {text}")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +106,12 @@ impl Pager {
             return Err(PagerError::Config(format!(
                 "--block must be a power of two from 4K to 2M, not {}",
                 cfg.block
+            )));
+        }
+        if cfg.slab < MIN_SLAB {
+            return Err(PagerError::Config(format!(
+                "--slab must be at least 4M, not {}",
+                cfg.slab
             )));
         }
         let mut nodes: Vec<Arc<dyn Transport>> = Vec::new();
@@ -215,10 +231,12 @@ impl Pager {
             .nodes()
             .iter()
             .zip(leased)
-            .map(|(n, l)| {
+            .enumerate()
+            .map(|(i, (n, l))| {
                 json!({
                     "addr": n.addr(),
                     "transport": n.kind(),
+                    "state": self.space.node_state(i),
                     "leased_bytes": l,
                     "reconnects": n.reconnects(),
                 })

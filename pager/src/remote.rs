@@ -7,14 +7,22 @@
 //! a reference count, like a kernel swap entry, so that a forked child can
 //! share its parent's slots; a write-back always goes to a fresh slot and
 //! the old one is released after the new one is acknowledged.
+//!
+//! Each node has a health state: a transport error (unreachable, timed out,
+//! session lost) marks it down, and placement skips it, so write-backs go
+//! to other nodes (or stay local) instead of waiting on it. A prober thread
+//! watches a down node and marks it up once it answers again; any request
+//! that succeeds does the same.
 
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dmem_memnode::client::{Client, ClientConfig, ClientError, Pending};
 use dmem_memnode::protocol::{ErrorCode, Extent};
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::pages::NO_SLOT;
 use crate::sys::PAGE;
@@ -49,6 +57,9 @@ pub trait Transport: Send + Sync {
     /// Writes `data` (the extents' bytes, concatenated).
     fn post_write(&self, ext: &[Extent], data: &[u8]) -> Result<Box<dyn Completion>, RemoteError>;
     fn reconnects(&self) -> u64;
+    /// A cheap check that the node can be reached at all (no request, no
+    /// reconnect attempt), used while it is down.
+    fn reachable(&self) -> bool;
 }
 
 pub struct TcpTransport {
@@ -110,6 +121,15 @@ impl Transport for TcpTransport {
     fn reconnects(&self) -> u64 {
         self.client.reconnects()
     }
+    fn reachable(&self) -> bool {
+        // A bare connect: the node drops a connection without a handshake
+        // quietly, and the client does not log a failed reconnect each time.
+        self.client
+            .addr()
+            .to_socket_addrs()
+            .map(|mut a| a.any(|a| TcpStream::connect_timeout(&a, PROBE_CONNECT).is_ok()))
+            .unwrap_or(false)
+    }
 }
 
 /// Where a slot lives.
@@ -132,31 +152,149 @@ struct Inner {
     full_since: Vec<Option<Instant>>,
 }
 
+/// Whether a node takes placements.
+#[derive(Default)]
+struct Health {
+    /// A request failed for a reason other than the node's own refusal:
+    /// no new slots on it until it answers again.
+    down: AtomicBool,
+    /// The node no longer has our session (restarted, or the lease grace
+    /// passed): its slabs are gone, and it stays down.
+    lost: AtomicBool,
+    /// A prober thread watches it.
+    probing: AtomicBool,
+}
+
 /// Slot placement over all memory nodes.
 pub struct SlotSpace {
     nodes: Vec<Arc<dyn Transport>>,
+    health: Arc<Vec<Health>>,
     slab_bytes: u64,
     slab_slots: u32,
     inner: Mutex<Inner>,
+    /// Held while leasing a slab (a network round trip), so that region ids
+    /// (the slab count) stay unique without holding `inner` meanwhile:
+    /// `inner` is taken on the fault path and must never wait on a node.
+    leasing: Mutex<()>,
 }
 
-/// Smallest slab tried when a node cannot fit a full-size one.
-const MIN_SLAB: u64 = 4 << 20;
+/// Smallest slab the pager leases: smaller ones would cost a lease round
+/// trip every few hundred pages written back.
+pub const MIN_SLAB: u64 = 4 << 20;
 /// How long a full node is left alone before asking again.
 const FULL_BACKOFF: Duration = Duration::from_secs(2);
+/// Bound of the prober's bare connect.
+const PROBE_CONNECT: Duration = Duration::from_secs(1);
+/// Longest pause between two probes of a down node.
+const PROBE_MAX_PAUSE: Duration = Duration::from_secs(2);
+
+/// Whether `e` says the node cannot be used (as opposed to the node
+/// answering with a refusal, such as Full).
+fn node_unusable(e: &RemoteError) -> bool {
+    match e {
+        RemoteError::Client(ClientError::Server { .. }) => false,
+        RemoteError::Client(_) => true,
+        RemoteError::OutOfSpace | RemoteError::NoNodes => false,
+    }
+}
 
 impl SlotSpace {
+    /// `slab_bytes` is at least [`MIN_SLAB`] (checked by the caller).
     pub fn new(nodes: Vec<Arc<dyn Transport>>, slab_bytes: u64) -> SlotSpace {
         let slab_bytes = slab_bytes.max(MIN_SLAB) / PAGE as u64 * PAGE as u64;
         let n = nodes.len();
         SlotSpace {
             nodes,
+            health: Arc::new((0..n).map(|_| Health::default()).collect()),
             slab_bytes,
             slab_slots: (slab_bytes / PAGE as u64) as u32,
             inner: Mutex::new(Inner {
                 slabs: Vec::new(),
                 full_since: vec![None; n],
             }),
+            leasing: Mutex::new(()),
+        }
+    }
+
+    /// Whether node `i` takes new slots.
+    pub fn usable(&self, i: usize) -> bool {
+        !self.health[i].down.load(Ordering::Acquire)
+    }
+
+    /// Whether slot `s` lives on a node that is up (its copy can be
+    /// counted on; a clean page whose copy lives on a down node is kept).
+    pub fn slot_usable(&self, s: u32) -> bool {
+        s != NO_SLOT && self.usable(self.locate(s).node)
+    }
+
+    /// Whether a placement could succeed now without waiting on a node
+    /// known to be down or full: a usable slab has free slots, or a usable
+    /// node is not known full.
+    pub fn may_place(&self) -> bool {
+        let inner = crate::lock(&self.inner);
+        inner
+            .slabs
+            .iter()
+            .any(|s| !s.free.is_empty() && self.usable(s.node))
+            || (0..self.nodes.len()).any(|i| {
+                self.usable(i) && inner.full_since[i].is_none_or(|t| t.elapsed() >= FULL_BACKOFF)
+            })
+    }
+
+    /// `up`, `down` (placement skips it until it answers again) or `lost`
+    /// (it no longer has this pager's session).
+    pub fn node_state(&self, i: usize) -> &'static str {
+        let h = &self.health[i];
+        if h.lost.load(Ordering::Acquire) {
+            "lost"
+        } else if h.down.load(Ordering::Acquire) {
+            "down"
+        } else {
+            "up"
+        }
+    }
+
+    /// Records a request to node `i` that succeeded: it is up.
+    pub fn node_ok(&self, i: usize) {
+        let h = &self.health[i];
+        if !h.lost.load(Ordering::Acquire) && h.down.swap(false, Ordering::AcqRel) {
+            info!(
+                node = self.nodes[i].addr(),
+                "memory node answers again: placing pages on it"
+            );
+        }
+    }
+
+    /// Records a failed request to node `i`: when the node itself is the
+    /// problem, it is marked down and watched until it answers again.
+    pub fn node_failed(&self, i: usize, e: &RemoteError) {
+        if !node_unusable(e) {
+            return;
+        }
+        let h = &self.health[i];
+        if matches!(e, RemoteError::Client(ClientError::SessionLost { .. }))
+            && !h.lost.swap(true, Ordering::AcqRel)
+        {
+            error!(
+                node = self.nodes[i].addr(),
+                "memory node lost this pager's session: pages only it held are gone;                  it takes no more pages"
+            );
+        }
+        if !h.down.swap(true, Ordering::AcqRel) {
+            warn!(
+                node = self.nodes[i].addr(),
+                "memory node unusable, placing pages elsewhere (or keeping them local)                  until it answers again: {e}"
+            );
+        }
+        if !h.lost.load(Ordering::Acquire) && !h.probing.swap(true, Ordering::AcqRel) {
+            let node = Arc::clone(&self.nodes[i]);
+            let health = Arc::clone(&self.health);
+            let spawned = std::thread::Builder::new()
+                .name(format!("dmem-probe-{i}"))
+                .spawn(move || probe(&*node, &health[i]));
+            if spawned.is_err() {
+                h.probing.store(false, Ordering::Release);
+            }
         }
     }
 
@@ -182,72 +320,91 @@ impl SlotSpace {
         }
     }
 
-    /// Takes `n` fresh slots (refcount 1), leasing slabs as needed.
+    /// Takes `n` fresh slots (refcount 1) on nodes that are up, leasing
+    /// slabs as needed. Never holds `inner` across a network round trip.
     pub fn alloc(&self, n: usize) -> Result<Vec<u32>, RemoteError> {
         if self.nodes.is_empty() {
             return Err(RemoteError::NoNodes);
         }
         let mut out = Vec::with_capacity(n);
-        let mut inner = crate::lock(&self.inner);
-        while out.len() < n {
-            let found = inner
-                .slabs
-                .iter_mut()
-                .enumerate()
-                .find(|(_, s)| !s.free.is_empty());
-            match found {
-                Some((i, slab)) => {
+        loop {
+            {
+                let mut inner = crate::lock(&self.inner);
+                for (i, slab) in inner.slabs.iter_mut().enumerate() {
+                    if out.len() == n {
+                        break;
+                    }
+                    if !self.usable(slab.node) {
+                        continue;
+                    }
                     while out.len() < n {
                         let Some(k) = slab.free.pop() else { break };
                         slab.refs[k as usize] = 1;
                         out.push(i as u32 * self.slab_slots + k);
                     }
                 }
-                None => {
-                    if let Err(e) = self.lease_slab(&mut inner) {
-                        drop(inner);
-                        for s in out {
-                            self.decref(s);
-                        }
-                        return Err(e);
-                    }
+            }
+            if out.len() == n {
+                return Ok(out);
+            }
+            if let Err(e) = self.lease_slab() {
+                for s in out {
+                    self.decref(s);
                 }
+                return Err(e);
             }
         }
-        Ok(out)
     }
 
-    /// Leases one more slab on the node with the most free space. Slabs
-    /// are all the same size (slot ids are dense), so a node that cannot
-    /// fit one counts as full.
-    fn lease_slab(&self, inner: &mut Inner) -> Result<(), RemoteError> {
+    /// Leases one more slab on the usable node with the most free space.
+    /// Slabs are all the same size (slot ids are dense), so a node that
+    /// cannot fit one counts as full.
+    fn lease_slab(&self) -> Result<(), RemoteError> {
+        let _leasing = crate::lock(&self.leasing);
+        let full_until = {
+            let inner = crate::lock(&self.inner);
+            // Someone else leased while we waited for the lease lock.
+            if inner
+                .slabs
+                .iter()
+                .any(|s| !s.free.is_empty() && self.usable(s.node))
+            {
+                return Ok(());
+            }
+            inner.full_since.clone()
+        };
         let mut best: Option<(usize, u64)> = None;
         for (i, node) in self.nodes.iter().enumerate() {
-            if inner.full_since[i].is_some_and(|t| t.elapsed() < FULL_BACKOFF) {
+            if !self.usable(i) || full_until[i].is_some_and(|t| t.elapsed() < FULL_BACKOFF) {
                 continue;
             }
             match node.free_bytes() {
-                Ok(f) if f >= self.slab_bytes && best.is_none_or(|(_, b)| f > b) => {
-                    best = Some((i, f))
+                Ok(f) => {
+                    self.node_ok(i);
+                    if f >= self.slab_bytes && best.is_none_or(|(_, b)| f > b) {
+                        best = Some((i, f))
+                    } else if f < self.slab_bytes {
+                        crate::lock(&self.inner).full_since[i] = Some(Instant::now());
+                    }
                 }
-                Ok(_) => inner.full_since[i] = Some(Instant::now()),
-                Err(e) => warn!(
-                    node = node.addr(),
-                    "memory node unavailable for placement: {e}"
-                ),
+                Err(e) => self.node_failed(i, &e),
             }
         }
         let Some((node, _)) = best else {
             return Err(RemoteError::OutOfSpace);
         };
-        let region = inner.slabs.len() as u32;
+        // Only lease holders add slabs, so the count is stable until then.
+        let region = crate::lock(&self.inner).slabs.len() as u32;
         match self.nodes[node].lease(region, self.slab_bytes) {
             Ok(()) => {}
             Err(RemoteError::Client(e)) if e.code() == Some(ErrorCode::Full) => {
-                inner.full_since[node] = Some(Instant::now());
+                crate::lock(&self.inner).full_since[node] = Some(Instant::now());
                 return Err(RemoteError::OutOfSpace);
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                self.node_failed(node, &e);
+                return Err(e);
+            }
         }
         info!(
             node = self.nodes[node].addr(),
@@ -255,7 +412,7 @@ impl SlotSpace {
             bytes = self.slab_bytes,
             "leased a slab"
         );
-        inner.slabs.push(Slab {
+        crate::lock(&self.inner).slabs.push(Slab {
             node,
             region,
             refs: vec![0; self.slab_slots as usize],
@@ -357,7 +514,13 @@ impl<'a> Batch<'a> {
         let mut posted = Vec::new();
         for (node, (ext, _)) in self.per_node.iter().enumerate() {
             if !ext.is_empty() {
-                posted.push((node, self.space.nodes[node].post_read(ext)?));
+                match self.space.nodes[node].post_read(ext) {
+                    Ok(c) => posted.push((node, c)),
+                    Err(e) => {
+                        self.space.node_failed(node, &e);
+                        return Err(e);
+                    }
+                }
             }
         }
         Ok(posted)
@@ -372,9 +535,11 @@ impl<'a> Batch<'a> {
             let idx = &self.per_node[node].1;
             buf.resize(idx.len() * PAGE, 0);
             if let Err(e) = c.wait(&mut buf) {
+                self.space.node_failed(node, &e);
                 first_err.get_or_insert(e);
                 continue;
             }
+            self.space.node_ok(node);
             for (k, &i) in idx.iter().enumerate() {
                 out[i * PAGE..(i + 1) * PAGE].copy_from_slice(&buf[k * PAGE..(k + 1) * PAGE]);
             }
@@ -383,9 +548,12 @@ impl<'a> Batch<'a> {
     }
 
     /// Writes page `i` of `data` to slot `i`; returns when every node has
-    /// acknowledged.
+    /// acknowledged, or failed. Every posted write is waited for, even after
+    /// an error, so that no write is still travelling when the caller gives
+    /// the slots back.
     pub fn write(&self, data: &[u8]) -> Result<(), RemoteError> {
         let mut posted = Vec::new();
+        let mut first_err = None;
         let mut buf = Vec::new();
         for (node, (ext, idx)) in self.per_node.iter().enumerate() {
             if ext.is_empty() {
@@ -395,12 +563,68 @@ impl<'a> Batch<'a> {
             for &i in idx.iter() {
                 buf.extend_from_slice(&data[i * PAGE..(i + 1) * PAGE]);
             }
-            posted.push(self.space.nodes[node].post_write(ext, &buf)?);
+            match self.space.nodes[node].post_write(ext, &buf) {
+                Ok(c) => posted.push((node, c)),
+                Err(e) => {
+                    self.space.node_failed(node, &e);
+                    first_err.get_or_insert(e);
+                }
+            }
         }
-        for c in posted {
-            c.wait(&mut [])?;
+        for (node, c) in posted {
+            match c.wait(&mut []) {
+                Ok(()) => self.space.node_ok(node),
+                Err(e) => {
+                    self.space.node_failed(node, &e);
+                    first_err.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Watches a down node until it answers a request again (or loses our
+/// session for good). Probes back off up to [`PROBE_MAX_PAUSE`]; a probe is
+/// a bare connect first, so an unreachable node costs nothing more.
+fn probe(node: &dyn Transport, h: &Health) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        while h.down.load(Ordering::Acquire) && !h.lost.load(Ordering::Acquire) {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(PROBE_MAX_PAUSE);
+            if !node.reachable() {
+                continue;
+            }
+            // Reconnects and resumes the session if it can.
+            match node.free_bytes() {
+                Ok(_) => {
+                    if h.down.swap(false, Ordering::AcqRel) {
+                        info!(
+                            node = node.addr(),
+                            "memory node answers again: placing pages on it"
+                        );
+                    }
+                }
+                Err(RemoteError::Client(e @ ClientError::SessionLost { .. })) => {
+                    h.lost.store(true, Ordering::Release);
+                    error!(
+                        node = node.addr(),
+                        "memory node lost this pager's session: {e}; it takes no more pages"
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+        h.probing.store(false, Ordering::Release);
+        // Marked down again after the loop ended but before `probing` was
+        // cleared: nobody else started a prober, so keep watching.
+        if !(h.down.load(Ordering::Acquire)
+            && !h.lost.load(Ordering::Acquire)
+            && !h.probing.swap(true, Ordering::AcqRel))
+        {
+            return;
+        }
     }
 }
 

@@ -32,6 +32,12 @@ use crate::stats::{Counters, Latencies};
 use crate::sys::{self, Fill, Mapping, PAGE};
 use crate::wire::{self, Msg};
 
+/// How long the reader holds back a fault that would take the app past its
+/// limit while the evictor catches up; past it, the fault is served over
+/// the limit. The evictor waits for a write-back as long, for the same
+/// reason.
+pub const HOLD_BACK: Duration = Duration::from_secs(2);
+
 /// A page fault as read from the uffd.
 #[derive(Debug, Clone, Copy)]
 pub struct Fault {
@@ -466,14 +472,13 @@ impl Session {
                 c.add(&c.faults_wp, 1);
             }
             (_, Place::Evicting) | (false, Place::Fetching) => c.add(&c.faults_joined, 1),
-            (false, Place::Cached) if m.has(flag::WRITEBACK) => c.add(&c.faults_joined, 1),
             (true, _) | (false, Place::Resident) => {
                 drop(st);
                 self.wake(f.page, PAGE);
             }
             (false, Place::Zero | Place::Cached | Place::Remote) => {
                 if !st.stuck && !self.held() && Self::local(&st) >= self.limit_pages {
-                    if f.at.elapsed() < Duration::from_secs(2) {
+                    if f.at.elapsed() < HOLD_BACK {
                         c.add(&c.faults_throttled, 1);
                         self.kick_evictor();
                         return Some(f);
@@ -551,6 +556,9 @@ impl Session {
             let c = &self.counters;
             if let Some(pm) = st.table.get_mut(f.page) {
                 pm.frame = NO_FRAME;
+                // A write-back of it in flight no longer settles it (its
+                // data was copied): the page stays dirty, with its old slot.
+                pm.clear(flag::WRITEBACK);
                 if pm.has(flag::PREFETCHED) {
                     pm.clear(flag::PREFETCHED);
                     c.add(&c.prefetch_hits, 1);

@@ -334,6 +334,15 @@ pub fn is_userfaultfd(fd: BorrowedFd<'_>) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a userfaultfd went through its UFFDIO_API handshake. The kernel
+/// refuses every other ioctl on one that did not (EINVAL); UFFDIO_WAKE of a
+/// valid range that nobody waits on is otherwise a no-op, so it tells.
+pub fn uffd_initialized(fd: BorrowedFd<'_>) -> bool {
+    // Any page-aligned range inside the user address space will do: the
+    // wake only walks the fault queue, whatever is mapped there.
+    !matches!(uffd_wake(fd.as_raw_fd(), 1 << 30, PAGE), Err(Errno::EINVAL))
+}
+
 /// Whether a process still exists.
 pub fn process_alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()

@@ -38,7 +38,7 @@ struct Args {
     /// Transfer unit for remote fetches: 4K to 2M, a power of two.
     #[arg(long, value_parser = parse_size, default_value = "4K")]
     block: u64,
-    /// Slab size leased from memory nodes.
+    /// Slab size leased from memory nodes (at least 4M).
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     slab: u64,
     /// File holding the memory nodes' shared token.
@@ -74,6 +74,12 @@ fn run(args: Args) -> Result<(), String> {
     let signals = shutdown::block_signals()?;
     if args.local_limit < (1 << 20) {
         return Err("--local-limit must be at least 1M".into());
+    }
+    if args.slab < dmem_pager::remote::MIN_SLAB {
+        return Err(format!(
+            "--slab must be at least 4M, not {}",
+            format_size(args.slab)
+        ));
     }
     if args.fetch_timeout == 0 {
         return Err("--fetch-timeout must be greater than zero".into());

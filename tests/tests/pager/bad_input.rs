@@ -241,10 +241,25 @@ fn bad_registrations_are_refused_with_reasons() {
         &u,
         &["local limit 524288", "below the minimum of 1 MiB"],
     );
+    // A good registration whose uffd skipped UFFDIO_API: refused, not
+    // welcomed and then dropped when the first read of it fails.
+    expect_refused(
+        &pager,
+        "uffd without UFFDIO_API",
+        &reg,
+        &u,
+        &["not initialised", "UFFDIO_API"],
+    );
     // A datagram larger than any message.
     let mut big = reg.clone();
     big.resize(MAX_MSG + 4096, 0xAB);
-    expect_refused(&pager, "oversized", &big, &u, &["too long"]);
+    expect_refused(
+        &pager,
+        "oversized",
+        &big,
+        &u,
+        &["too long", &format!("more than {MAX_MSG} bytes")],
+    );
 
     drop(pw);
     let v = pager.stats();
@@ -360,6 +375,10 @@ fn bad_flags_are_refused_with_a_message() {
             "--fetch-timeout",
         ),
         (&["--local-limit", "16M", "--bogus"], "--bogus"),
+        (
+            &["--local-limit", "16M", "--slab", "1M"],
+            "--slab must be at least 4M",
+        ),
         (&[], "--local-limit"),
         (
             &[
@@ -385,5 +404,12 @@ fn bad_flags_are_refused_with_a_message() {
             "{args:?}: stderr does not say {want:?}:\n{err}"
         );
         assert!(!out.contains("listening"), "{args:?}: {out}");
+        // Said once: no message repeats its own prefix.
+        for prefix in ["cannot reach memory node", "dmem-pager: dmem-pager"] {
+            assert!(
+                err.matches(prefix).count() <= 1,
+                "{args:?}: {prefix:?} repeated:\n{err}"
+            );
+        }
     }
 }
