@@ -176,8 +176,17 @@ fn handle(pager: Arc<Pager>, conn: OwnedFd, socket_path: &str) {
 /// closes (the app brings its pages back so the child gets a full copy).
 /// Only the app itself may ask.
 fn hold(pager: &Pager, session: u64, peer_pid: i32, conn: &OwnedFd) {
-    let Some(s) = pager.sessions.get(&session).map(|s| Arc::clone(&s)) else {
-        return refuse(conn, &format!("no session {session}"));
+    // The app may fork right after its Welcome, before its session is
+    // listed (registration sends Welcome first): give it a moment.
+    let t = std::time::Instant::now();
+    let s = loop {
+        if let Some(s) = pager.sessions.get(&session).map(|s| Arc::clone(&s)) {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            return refuse(conn, &format!("no session {session}"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
     };
     if s.pid != peer_pid {
         return refuse(
