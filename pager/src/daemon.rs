@@ -176,17 +176,10 @@ fn handle(pager: Arc<Pager>, conn: OwnedFd, socket_path: &str) {
 /// closes (the app brings its pages back so the child gets a full copy).
 /// Only the app itself may ask.
 fn hold(pager: &Pager, session: u64, peer_pid: i32, conn: &OwnedFd) {
-    // The app may fork right after its Welcome, before its session is
-    // listed (registration sends Welcome first): give it a moment.
-    let t = std::time::Instant::now();
-    let s = loop {
-        if let Some(s) = pager.sessions.get(&session).map(|s| Arc::clone(&s)) {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(5) {
-            return refuse(conn, &format!("no session {session}"));
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    // Sessions are listed before their Welcome is sent (see `register`),
+    // so an app that forks at once finds its own.
+    let Some(s) = pager.sessions.get(&session).map(|s| Arc::clone(&s)) else {
+        return refuse(conn, &format!("no session {session}"));
     };
     if s.pid != peer_pid {
         return refuse(
@@ -279,14 +272,6 @@ fn register(pager: &Arc<Pager>, r: Register, uffd: OwnedFd, conn: OwnedFd) {
         local_limit: (limit_pages * PAGE) as u64,
         block: pager.cfg.block as u32,
     });
-    if let Err(e) = sys::send_with_fds(
-        conn.as_raw_fd(),
-        &wire::encode(&welcome),
-        &[staging_fd.as_raw_fd()],
-    ) {
-        warn!("app {} vanished during registration: {e}", r.pid);
-        return;
-    }
     info!(
         session = id,
         pid = r.pid,
@@ -312,5 +297,15 @@ fn register(pager: &Arc<Pager>, r: Register, uffd: OwnedFd, conn: OwnedFd) {
             Prefetcher::new((pager.cfg.prefetch_min / bp).max(1), max / bp)
         },
     ));
-    pager.start_session(s);
+    // Listed and running before the app hears of it: the app may ask for
+    // its session (a Hold, when it forks) right after the Welcome.
+    pager.start_session(Arc::clone(&s));
+    if let Err(e) = sys::send_with_fds(
+        s.sock.as_raw_fd(),
+        &wire::encode(&welcome),
+        &[staging_fd.as_raw_fd()],
+    ) {
+        warn!("app {} vanished during registration: {e}", r.pid);
+        s.dead.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
