@@ -192,7 +192,8 @@ fn start_private(cfg: &RunConfig, started: &mut Started) -> Result<PathBuf, RunE
         let addr = format!("127.0.0.1:{port}");
         // Lends what is free (lazily: an idle node uses nothing); no token,
         // so it accepts loopback clients only.
-        let capacity = (sys::mem_available() / 2).max(256 << 20);
+        let available = dmem_memnode::sys::mem_available().unwrap_or(0);
+        let capacity = (available / 2).max(256 << 20);
         let mut c = Command::new(sibling("dmem-memnode")?);
         c.args(["--listen", &addr, "--capacity", &capacity.to_string()]);
         let log = dir.join("memnode.log");

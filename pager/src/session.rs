@@ -315,7 +315,9 @@ impl Session {
             // The agent aborts the app; if it cannot (stopped, stuck), kill it.
             std::thread::sleep(Duration::from_secs(2));
             if sys::process_alive(pid) {
-                sys::kill_process(pid);
+                // The last resort when its data is gone and its agent did
+                // not stop it.
+                sys::signal_process(pid, libc::SIGKILL);
             }
         });
         self.kick_evictor();
