@@ -75,18 +75,21 @@ const _: () = assert!(std::mem::size_of::<PageMeta>() == 16);
 
 impl Default for PageMeta {
     fn default() -> Self {
-        PageMeta {
-            place: Place::Zero,
-            flags: 0,
-            gen: 0,
-            frame: NO_FRAME,
-            slot: NO_SLOT,
-            crc: 0,
-        }
+        PageMeta::UNTOUCHED
     }
 }
 
 impl PageMeta {
+    /// A page never touched: no content anywhere.
+    pub const UNTOUCHED: PageMeta = PageMeta {
+        place: Place::Zero,
+        flags: 0,
+        gen: 0,
+        frame: NO_FRAME,
+        slot: NO_SLOT,
+        crc: 0,
+    };
+
     pub fn has(&self, f: u8) -> bool {
         self.flags & f != 0
     }
@@ -105,15 +108,8 @@ impl PageMeta {
 /// pages changes, so a huge, mostly unused arena costs almost nothing.
 const CHUNK: usize = 512;
 
-/// State of every page never changed (read through untouched chunks).
-static UNTOUCHED: PageMeta = PageMeta {
-    place: Place::Zero,
-    flags: 0,
-    gen: 0,
-    frame: NO_FRAME,
-    slot: NO_SLOT,
-    crc: 0,
-};
+/// What pages of untouched chunks read as.
+static UNTOUCHED: PageMeta = PageMeta::UNTOUCHED;
 
 /// A contiguous range of managed pages.
 pub struct Region {

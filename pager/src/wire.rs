@@ -188,6 +188,12 @@ impl Reader<'_> {
     fn u64(&mut self) -> Result<u64, WireError> {
         Ok(u64::from_le_bytes(self.take()?))
     }
+    /// A body of exactly one u64.
+    fn only_u64(mut self) -> Result<u64, WireError> {
+        let v = self.u64()?;
+        self.end()?;
+        Ok(v)
+    }
     fn end(&self) -> Result<(), WireError> {
         if self.b.is_empty() {
             Ok(())
@@ -309,24 +315,20 @@ pub fn decode(b: &[u8]) -> Result<Msg, WireError> {
             }
             .text()?,
         ),
-        K_HOLD => {
-            let mut r = Reader {
+        K_HOLD => Msg::Hold {
+            session: Reader {
                 b: body,
                 what: "hold",
-            };
-            let session = r.u64()?;
-            r.end()?;
-            Msg::Hold { session }
-        }
-        K_HELD => {
-            let mut r = Reader {
+            }
+            .only_u64()?,
+        },
+        K_HELD => Msg::Held {
+            pages_out: Reader {
                 b: body,
                 what: "held",
-            };
-            let pages_out = r.u64()?;
-            r.end()?;
-            Msg::Held { pages_out }
-        }
+            }
+            .only_u64()?,
+        },
         k => return Err(WireError::UnknownKind(k)),
     };
     Ok(msg)

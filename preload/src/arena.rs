@@ -119,7 +119,7 @@ pub fn realloc(p: *mut c_void, size: usize, min_alloc: usize) -> *mut c_void {
     // SAFETY: `p` is a live block of `old` bytes, `new` a fresh one of at
     // least `size`; they are distinct blocks.
     unsafe { sys::copy(new, p, (old as usize).min(size)) };
-    free(p);
+    release(p as u64, old);
     new
 }
 

@@ -108,9 +108,9 @@ impl Extents {
     }
 
     /// Releases `[start, start+len)` (rounded out to pages), which must lie
-    /// inside allocations; allocations it cuts are split. Returns the
-    /// released ranges (to be dropped by the caller).
-    pub fn release(&mut self, start: u64, len: u64) -> Result<Vec<(u64, u64)>, ExtentError> {
+    /// inside allocations; allocations it cuts are split. A range that is
+    /// not wholly allocated is refused and changes nothing.
+    pub fn release(&mut self, start: u64, len: u64) -> Result<(), ExtentError> {
         let lo = start & !(GRANULE - 1);
         let hi = round_up(start + len.max(1), GRANULE);
         // Check coverage first so a bad call changes nothing.
@@ -132,7 +132,6 @@ impl Extents {
         if at < hi {
             return Err(ExtentError::NotAllocated(start, len));
         }
-        let mut released = Vec::new();
         for (a, l) in sorted {
             self.used.remove(&a);
             self.used_bytes -= l;
@@ -145,10 +144,9 @@ impl Extents {
                 self.used.insert(cut_hi, a + l - cut_hi);
                 self.used_bytes += a + l - cut_hi;
             }
-            released.push((cut_lo, cut_hi - cut_lo));
             self.free_merged(cut_lo, cut_hi - cut_lo);
         }
-        Ok(released)
+        Ok(())
     }
 
     fn free_merged(&mut self, mut start: u64, mut len: u64) {
@@ -217,9 +215,9 @@ mod tests {
     fn partial_release_splits() {
         let mut e = Extents::new(B, 16 * GRANULE);
         let a = e.alloc(8 * GRANULE, 16).unwrap();
-        let r = e.release(a + 2 * GRANULE, 2 * GRANULE).unwrap();
-        assert_eq!(r, vec![(a + 2 * GRANULE, 2 * GRANULE)]);
+        e.release(a + 2 * GRANULE, 2 * GRANULE).unwrap();
         assert_eq!(e.len_at(a), Some(2 * GRANULE));
+        assert_eq!(e.len_at(a + 2 * GRANULE), None);
         assert_eq!(e.len_at(a + 4 * GRANULE), Some(4 * GRANULE));
         assert_eq!(e.used_bytes(), 6 * GRANULE);
         // Releasing something already free is refused and changes nothing.

@@ -27,7 +27,7 @@ extern "C" fn prepare() {
         .get()
         .filter(|_| !DETACHED.load(Ordering::Acquire));
     if let Some(s) = session {
-        match s.app.hold() {
+        match s.hold() {
             Ok((conn, pages_out)) => {
                 HOLD_FD.store(conn.into_raw_fd(), Ordering::Release);
                 arena::lock_for_fork(pages_out > 0);
@@ -61,7 +61,7 @@ extern "C" fn child() {
         return; // a grandchild: the descriptors are closed already
     }
     if let Some(s) = start::SESSION.get() {
-        let fds: [RawFd; 2] = s.app.inherited_fds();
+        let fds: [RawFd; 2] = s.inherited_fds();
         for fd in fds {
             sys::close(fd);
         }

@@ -12,17 +12,7 @@ use crate::config::Config;
 use crate::{arena, fork, malloc};
 
 /// The live session (its uffd copy and agent stay for the process's life).
-pub static SESSION: OnceLock<Session> = OnceLock::new();
-
-pub struct Session {
-    pub app: AppSession,
-}
-
-// SAFETY: AppSession holds file descriptors, a join handle and plain
-// numbers, all usable from any thread; it is never mutated after start.
-unsafe impl Sync for Session {}
-// SAFETY: as above.
-unsafe impl Send for Session {}
+pub static SESSION: OnceLock<AppSession> = OnceLock::new();
 
 pub fn start() {
     let cfg = match Config::from_env() {
@@ -47,7 +37,7 @@ pub fn start() {
         Ok(app) => {
             arena::install(app.arena_ptr() as u64, app.arena_len() as u64);
             malloc::enable(cfg.min_alloc);
-            let _ = SESSION.set(Session { app });
+            let _ = SESSION.set(app);
             fork::install();
         }
         Err(e) if cfg.require => {
