@@ -62,10 +62,36 @@ fn dmem_run(limit: &str, cmd: &[&str], env: &[(&str, &str)]) -> Run {
     }
 }
 
-fn plain(cmd: &[&str]) -> (i32, String) {
-    let (st, out, err) = run_cmd(Command::new(cmd[0]).args(&cmd[1..]));
-    assert!(st.success(), "plain run of {cmd:?} failed: {err}");
-    (st.code().unwrap_or(-1), out)
+/// Runs `cmd` plainly, then under dmem at `limit`, both with `env`;
+/// asserts that both succeed and print the same bytes.
+fn same_as_plain(what: &str, limit: &str, cmd: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut c = Command::new(cmd[0]);
+    c.args(&cmd[1..]).envs(env.iter().copied());
+    let (st, want, err) = run_cmd(&mut c);
+    assert!(st.success(), "plain run of {what} failed: {err}");
+    let r = dmem_run(limit, cmd, env);
+    assert_eq!(
+        r.code, 0,
+        "{what} under dmem failed:\n{}\n{}",
+        r.stdout, r.stderr
+    );
+    assert!(
+        r.stdout == want,
+        "{what}: output differs from the plain run ({} vs {} bytes):\n{}",
+        r.stdout.len(),
+        want.len(),
+        r.stdout.chars().take(2000).collect::<String>()
+    );
+    r
+}
+
+/// A Python script (`code`, with `args`) plainly and under dmem.
+fn python_job(what: &str, code: &str, args: &[&str], limit: &str, env: &[(&str, &str)]) -> Run {
+    let dir = TempDir::new(what);
+    let job = dir.write("job.py", code);
+    let mut cmd = vec!["python3", job.to_str().unwrap()];
+    cmd.extend_from_slice(args);
+    same_as_plain(what, limit, &cmd, env)
 }
 
 fn n(v: &serde_json::Value, p: &str) -> u64 {
@@ -88,15 +114,8 @@ fn heap_mode(mode: &str, mib: u64) -> Run {
     let bin = heap_bin();
     let b = bin.to_str().unwrap();
     let m = mib.to_string();
-    let (_, want) = plain(&[b, mode, &m]);
     let limit = format!("{}M", mib / 4);
-    let r = dmem_run(&limit, &[b, mode, &m], &[]);
-    assert_eq!(
-        r.code, 0,
-        "{mode} under dmem failed:\n{}\n{}",
-        r.stdout, r.stderr
-    );
-    assert_eq!(r.stdout, want, "{mode}: output differs from the plain run");
+    let r = same_as_plain(mode, &limit, &[b, mode, &m], &[]);
     assert!(
         r.stderr.contains("dmem: "),
         "no summary on stderr: {}",
@@ -155,18 +174,9 @@ print(repr(float(np.linalg.norm(b, axis=0).max())))
 
 #[test]
 fn numpy_matmul_and_reductions_match_a_plain_run() {
-    let dir = TempDir::new("numpy");
-    let job = dir.write("job.py", NUMPY_JOB);
-    let job = job.to_str().unwrap();
     // 1280^2 doubles = 12.5 MiB per array; a, b, c and the sort: 50 MiB.
-    let (_, want) = plain(&["python3", job, "1280"]);
-    let r = dmem_run(
-        "12M",
-        &["python3", job, "1280"],
-        &[("OPENBLAS_NUM_THREADS", "2")],
-    );
-    assert_eq!(r.code, 0, "numpy under dmem failed: {}", r.stderr);
-    assert_eq!(r.stdout, want, "numpy results differ from the plain run");
+    let env = [("OPENBLAS_NUM_THREADS", "2")];
+    let r = python_job("numpy", NUMPY_JOB, &["1280"], "12M", &env);
     assert_paged(&r, "numpy");
 }
 
@@ -191,23 +201,14 @@ if __name__ == "__main__":
 
 #[test]
 fn python_multiprocessing_fork_reads_the_parents_arrays() {
-    let dir = TempDir::new("mp");
-    let job = dir.write("mp.py", MP_JOB);
-    let job = job.to_str().unwrap();
-    let (_, want) = plain(&["python3", job, "64"]);
-    let r = dmem_run("16M", &["python3", job, "64"], &[]);
-    assert_eq!(r.code, 0, "multiprocessing under dmem failed: {}", r.stderr);
-    assert_eq!(r.stdout, want, "multiprocessing results differ");
+    let r = python_job("multiprocessing", MP_JOB, &["64"], "16M", &[]);
     assert_paged(&r, "multiprocessing");
 }
 
 #[test]
 fn python_many_small_objects_stay_unmanaged_and_run() {
     let code = "d = {i: str(i) * 3 for i in range(300000)}\nprint(sum(len(v) for v in d.values()))";
-    let (_, want) = plain(&["python3", "-c", code]);
-    let r = dmem_run("64M", &["python3", "-c", code], &[]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(r.stdout, want);
+    python_job("small-objects", code, &[], "64M", &[]);
 }
 
 #[test]
@@ -221,11 +222,7 @@ fn sort_with_a_large_buffer_matches_a_plain_run() {
     let input = dir.write("in.txt", &text);
     let input = input.to_str().unwrap();
     let cmd = ["sort", "-S", "32M", "--parallel=1", input];
-    let (st, want, err) = run_cmd(Command::new("sort").args(&cmd[1..]).env("LC_ALL", "C"));
-    assert!(st.success(), "{err}");
-    let r = dmem_run("6M", &cmd, &[("LC_ALL", "C")]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout == want, "sort output differs from a plain run");
+    let r = same_as_plain("sort", "6M", &cmd, &[("LC_ALL", "C")]);
     assert_paged(&r, "sort");
 }
 
@@ -243,13 +240,13 @@ print(h.hexdigest())
 
 #[test]
 fn python_sqlite_with_a_large_page_cache_matches_a_plain_run() {
-    let dir = TempDir::new("sqlite");
-    let job = dir.write("sq.py", SQLITE_JOB);
-    let job = job.to_str().unwrap();
-    let (_, want) = plain(&["python3", job]);
-    let r = dmem_run("16M", &["python3", job], &[("DMEM_MIN_ALLOC", "64K")]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(r.stdout, want, "sqlite results differ");
+    python_job(
+        "sqlite",
+        SQLITE_JOB,
+        &[],
+        "16M",
+        &[("DMEM_MIN_ALLOC", "64K")],
+    );
 }
 
 #[test]
