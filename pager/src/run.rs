@@ -109,10 +109,12 @@ pub fn run(cfg: &RunConfig) -> Result<ExitStatus, RunError> {
         None => start_private(cfg, &mut started)?,
     };
     // Signals meant for the program are forwarded by a thread, so they are
-    // blocked here before the program starts (it gets an empty mask).
+    // blocked here before the program starts; the program itself starts
+    // with an empty mask.
     let forwarded = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
     sys::block_signals(&forwarded);
     let mut cmd = Command::new(&cfg.cmd[0]);
+    sys::clean_signals_on_spawn(&mut cmd, None);
     cmd.args(&cfg.cmd[1..])
         .env("LD_PRELOAD", preload_value(&lib))
         .env("DMEM_SOCKET", &socket);
@@ -227,6 +229,8 @@ fn start_private(cfg: &RunConfig, started: &mut Started) -> Result<PathBuf, RunE
 }
 
 fn spawn_daemon(mut c: Command, what: &'static str, log: &Path) -> Result<Daemon, RunError> {
+    // A daemon of this run stops with it, even when dmem is SIGKILLed.
+    sys::clean_signals_on_spawn(&mut c, Some(libc::SIGTERM));
     let out = std::fs::File::create(log).map_err(|source| RunError::Write {
         path: log.to_owned(),
         source,

@@ -451,6 +451,28 @@ pub fn block_signals(sigs: &[i32]) {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
+/// Makes `cmd`'s process start with an empty signal mask (a spawned
+/// program inherits its parent's mask, and a program that cannot be
+/// stopped by SIGTERM hangs whoever waits for it), and, with `parent_death`,
+/// receive that signal when the spawning thread exits.
+pub fn clean_signals_on_spawn(cmd: &mut std::process::Command, parent_death: Option<i32>) {
+    use std::os::unix::process::CommandExt;
+    let empty = sigset(&[]);
+    let child_side = move || {
+        // SAFETY: `empty` is a valid sigset_t; pthread_sigmask is
+        // async-signal-safe, as required between fork and exec.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
+        if let Some(sig) = parent_death {
+            // SAFETY: prctl with plain integers; async-signal-safe.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong) };
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only makes async-signal-safe calls on values it
+    // owns, so it may run between fork and exec.
+    unsafe { cmd.pre_exec(child_side) };
+}
+
 /// Waits for one of `sigs` (blocked beforehand). Returns the signal and
 /// whether the kernel sent it on a terminal's behalf (Ctrl-C, Ctrl-\).
 pub fn wait_signal(sigs: &[i32]) -> Option<(i32, bool)> {

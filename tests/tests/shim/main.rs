@@ -351,3 +351,53 @@ fn pager_killed_mid_run_stops_the_program_with_a_message() {
         "no clear message: {err}"
     );
 }
+
+#[test]
+fn programs_start_with_the_signal_mask_they_would_have_without_dmem() {
+    // dmem run blocks the signals it relays; the program must not inherit
+    // that (a worker that cannot be stopped by SIGTERM hangs its parent).
+    same_as_plain(
+        "signal mask",
+        "16M",
+        &["grep", "SigBlk", "/proc/self/status"],
+        &[],
+    );
+}
+
+#[test]
+fn sigterm_to_dmem_run_reaches_the_program() {
+    let mut child = Command::new(bin_path("dmem"))
+        .args(["run", "--quiet", "--local-limit", "16M", "--"])
+        .args(["sh", "-c", "echo ready; exec sleep 60"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dmem run");
+    let mut out = child.stdout.take().unwrap();
+    let mut line = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut line).expect("the program never started");
+    assert_eq!(&line, b"ready\n");
+    // std can only send SIGKILL; kill(1) sends SIGTERM.
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let t = Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the program did not stop on the SIGTERM sent to dmem run"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        st.code(),
+        Some(128 + 15),
+        "dmem run must report the program's death by SIGTERM"
+    );
+}
