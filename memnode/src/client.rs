@@ -28,7 +28,7 @@ use crate::auth::{client_proof, random_secret, secrets_equal, server_proof};
 use crate::lock;
 use crate::protocol::{
     decode_reply, encode_request, ErrorCode, Extent, Header, Op, ProtoError, Reply, Request,
-    Secret, StatReply, Welcome, HEADER_LEN, VERSION_MAX, VERSION_MIN,
+    Secret, StatReply, Welcome, HEADER_LEN, REPLY_BIT, VERSION_MAX, VERSION_MIN,
 };
 
 /// How long a request write may block before the writer checks for
@@ -109,6 +109,18 @@ impl ClientConfig {
 struct RawReply {
     op: u8,
     payload: Vec<u8>,
+    /// The payload (READ data) went straight into the waiter's buffer.
+    in_dest: bool,
+}
+
+impl RawReply {
+    fn new(op: u8, payload: Vec<u8>) -> RawReply {
+        RawReply {
+            op,
+            payload,
+            in_dest: false,
+        }
+    }
 }
 
 type Outcome = Result<RawReply, ClientError>;
@@ -159,11 +171,38 @@ impl Conn {
     }
 
     /// Reads replies, dispatching others', until the one for `id` arrives.
-    /// The caller holds the reader lock.
-    fn read_until(&self, r: &mut BufReader<TcpStream>, id: u64, cfg: &ClientConfig) -> Outcome {
+    /// Its READ data lands in `dest` when the sizes match (no allocation,
+    /// no copy: the common case of a waiter reading its own reply). The
+    /// caller holds the reader lock.
+    fn read_until(
+        &self,
+        r: &mut BufReader<TcpStream>,
+        id: u64,
+        cfg: &ClientConfig,
+        dest: &mut [u8],
+    ) -> Outcome {
         let addr = &cfg.addr;
         loop {
-            let (h, payload) = match read_frame(r) {
+            let frame = read_header(r).and_then(|h| {
+                let direct = h.req_id == id
+                    && h.op == Op::Read as u8 | REPLY_BIT
+                    && h.len as usize == dest.len()
+                    && !dest.is_empty();
+                if direct {
+                    r.read_exact(dest)?;
+                    return Ok((
+                        h,
+                        RawReply {
+                            op: h.op,
+                            payload: Vec::new(),
+                            in_dest: true,
+                        },
+                    ));
+                }
+                let payload = read_payload(r, &h)?;
+                Ok((h, RawReply::new(h.op, payload)))
+            });
+            let (h, raw) = match frame {
                 Ok(f) => f,
                 Err(e) => {
                     let timed_out = matches!(
@@ -183,7 +222,6 @@ impl Conn {
                     });
                 }
             };
-            let raw = RawReply { op: h.op, payload };
             if h.req_id == id {
                 lock(&self.pending).remove(&id);
                 return Ok(raw);
@@ -260,7 +298,7 @@ impl Conn {
             // out completely before it reads the next request.
             match read_frame(&mut *r) {
                 Ok((h, payload)) => {
-                    self.dispatch(h.req_id, RawReply { op: h.op, payload }, &cfg.addr)
+                    self.dispatch(h.req_id, RawReply::new(h.op, payload), &cfg.addr)
                 }
                 Err(e) => {
                     debug!(addr = %cfg.addr, "connection lost: {e}");
@@ -378,15 +416,7 @@ impl Client {
 
     /// Reads the extents into `buf`, which must be exactly their total size.
     pub fn read_into(&self, extents: &[Extent], buf: &mut [u8]) -> Result<(), ClientError> {
-        let data = self.read(extents)?;
-        if data.len() != buf.len() {
-            return Err(ClientError::ShortRead {
-                got: data.len(),
-                want: buf.len(),
-            });
-        }
-        buf.copy_from_slice(&data);
-        Ok(())
+        self.submit_read(extents)?.wait_into(buf)
     }
 
     /// Writes `data` (concatenated) to the extents; returns once stored.
@@ -413,7 +443,7 @@ impl Client {
 
     pub fn stat(&self) -> Result<StatReply, ClientError> {
         let mut p = self.submit(&Request::Stat)?;
-        let raw = p.wait_raw()?;
+        let raw = p.wait_raw(&mut [])?;
         match decode_reply(raw.op, &raw.payload) {
             Ok(Reply::Stat(s)) => Ok(s),
             _ => Err(ClientError::UnexpectedReply {
@@ -431,7 +461,7 @@ impl Client {
     /// Ends the session: the node frees all its slabs now.
     pub fn close_session(self) -> Result<(), ClientError> {
         let mut p = self.submit(&Request::CloseSession)?;
-        let r = p.wait_raw().map(drop);
+        let r = p.wait_raw(&mut []).map(drop);
         lock(&self.shared.conn).kill();
         r
     }
@@ -515,8 +545,32 @@ impl Pending {
         self.wait_inner()
     }
 
+    /// Waits for a READ's reply and puts its data into `out`, which must be
+    /// exactly the size read. When this thread reads its own reply off the
+    /// socket the data goes there directly; else it is copied once.
+    pub fn wait_into(mut self, out: &mut [u8]) -> Result<(), ClientError> {
+        let raw = self.wait_raw(out)?;
+        if raw.in_dest {
+            return Ok(());
+        }
+        let data = self.check_reply(raw)?;
+        if data.len() != out.len() {
+            return Err(ClientError::ShortRead {
+                got: data.len(),
+                want: out.len(),
+            });
+        }
+        out.copy_from_slice(&data);
+        Ok(())
+    }
+
     fn wait_inner(&mut self) -> Result<Vec<u8>, ClientError> {
-        let raw = self.wait_raw()?;
+        let raw = self.wait_raw(&mut [])?;
+        self.check_reply(raw)
+    }
+
+    /// Checks that a reply answers this request; returns its payload.
+    fn check_reply(&self, raw: RawReply) -> Result<Vec<u8>, ClientError> {
         let addr = &self.shared.cfg.addr;
         match decode_reply(raw.op, &raw.payload) {
             Ok(Reply::Data(_)) if self.op == Op::Read => {}
@@ -538,10 +592,10 @@ impl Pending {
         Ok(raw.payload)
     }
 
-    fn wait_raw(&mut self) -> Result<RawReply, ClientError> {
+    fn wait_raw(&mut self, dest: &mut [u8]) -> Result<RawReply, ClientError> {
         let deadline = Instant::now() + self.shared.cfg.reconnect_window;
         loop {
-            match self.wait_once() {
+            match self.wait_once(dest) {
                 Ok(raw) => return server_error(&self.shared.cfg.addr, raw),
                 Err(ClientError::Disconnected) => {
                     self.shared.reconnect(self.generation, deadline)?;
@@ -557,7 +611,7 @@ impl Pending {
     /// Waits for the reply on the current connection: reads the socket
     /// itself when nobody else does, else blocks until the reader hands it
     /// the reply or the lead.
-    fn wait_once(&mut self) -> Outcome {
+    fn wait_once(&mut self, dest: &mut [u8]) -> Outcome {
         let conn = self.conn.clone();
         let cfg = &self.shared.cfg;
         loop {
@@ -571,7 +625,7 @@ impl Pending {
                 // Our reply may have been dispatched before we took the lock.
                 let outcome = match self.rx.try_recv() {
                     Ok(Msg::Done(o)) => o,
-                    _ => conn.read_until(&mut r, self.id, cfg),
+                    _ => conn.read_until(&mut r, self.id, cfg, dest),
                 };
                 drop(r);
                 conn.pass_lead();
@@ -649,12 +703,21 @@ fn dial(cfg: &ClientConfig) -> Result<TcpStream, ClientError> {
 
 /// Reads one frame.
 fn read_frame(r: &mut impl Read) -> io::Result<(Header, Vec<u8>)> {
+    let h = read_header(r)?;
+    let payload = read_payload(r, &h)?;
+    Ok((h, payload))
+}
+
+fn read_header(r: &mut impl Read) -> io::Result<Header> {
     let mut raw = [0u8; HEADER_LEN];
     r.read_exact(&mut raw)?;
-    let h = Header::decode(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Header::decode(&raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn read_payload(r: &mut impl Read, h: &Header) -> io::Result<Vec<u8>> {
     let mut payload = vec![0u8; h.len as usize];
     r.read_exact(&mut payload)?;
-    Ok((h, payload))
+    Ok(payload)
 }
 
 /// One handshake exchange: send `req`, return the decoded reply.
@@ -673,7 +736,7 @@ fn exchange(
         },
         _ => unreachable_err(cfg, format!("handshake failed: {e}")),
     })?;
-    let raw = server_error(&cfg.addr, RawReply { op: h.op, payload })?;
+    let raw = server_error(&cfg.addr, RawReply::new(h.op, payload))?;
     Ok((raw.op, raw.payload))
 }
 

@@ -63,7 +63,7 @@ pub fn run(s: &Arc<Session>, pager: &Arc<Pager>) {
         let low = s.limit_pages.saturating_sub(3 * s.batch);
         let (local, cached) = {
             let st = s.lock();
-            (Session::local(&st), st.counts.cached)
+            (Session::pressure(&st), st.counts.cached)
         };
         if local <= high {
             s.lock().stuck = false;
@@ -81,7 +81,7 @@ pub fn run(s: &Arc<Session>, pager: &Arc<Pager>) {
                 evict_resident(s, pager, true)
             };
             let st = s.lock();
-            local = Session::local(&st);
+            local = Session::pressure(&st);
             cached = st.counts.cached;
             drop(st);
             if !progress && no_space.is_none() {

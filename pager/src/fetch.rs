@@ -33,8 +33,6 @@ pub struct FetchJob {
     pub prefetch: Vec<Claimed>,
     /// The window's marker page, kept out of the app.
     pub marker: Option<u64>,
-    /// Install prefetched pages into the app (else into the cache tier).
-    pub direct: bool,
 }
 
 fn claim_page(st: &mut State, page: u64, prefetched: bool) -> Option<Claimed> {
@@ -97,6 +95,7 @@ pub fn plan_prefetch(session: &Arc<Session>, pager: &Pager, st: &mut State, page
     let mut prefetch = Vec::new();
     let mut marker = None;
     if let Some(plan) = outcome.plan {
+        let mut promoted = Vec::new();
         for k in 0..plan.count as i64 {
             let b = plan.start + k * plan.stride;
             if b < 0 {
@@ -104,41 +103,76 @@ pub fn plan_prefetch(session: &Arc<Session>, pager: &Pager, st: &mut State, page
             }
             for i in 0..block_pages {
                 let pg = ((b * block_pages + i) as u64) * PAGE as u64;
-                if st.table.get(pg).is_none() {
+                let Some(m) = st.table.get(pg).copied() else {
+                    continue;
+                };
+                let is_marker = b == plan.marker && i == 0;
+                if m.place == Place::Cached && !is_marker {
+                    // Already local: into the app without a fault, no
+                    // network. (A cached marker stays: its fault is what
+                    // starts the next window.)
+                    if session.promote(pager, st, pg, m.frame, None).1 {
+                        if let Some(pm) = st.table.get_mut(pg) {
+                            pm.set(flag::PREFETCHED | flag::STREAMED);
+                        }
+                        promoted.push(pg);
+                    }
                     continue;
                 }
                 if let Some(cl) = claim_page(st, pg, true) {
-                    if b == plan.marker && i == 0 {
+                    if is_marker {
                         marker = Some(pg);
                     }
                     prefetch.push(cl);
                 }
             }
         }
-        st.last_prefetch = prefetch.iter().map(|c| c.page).collect();
-        c.add(&c.prefetch_issued, prefetch.len() as u64);
+        c.add(&c.prefetch_issued, (prefetch.len() + promoted.len()) as u64);
+        promoted.extend(prefetch.iter().map(|c| c.page));
+        st.last_prefetch = promoted;
     }
-    let direct = Session::local(st) + prefetch.len() < session.limit_pages;
+    if Session::pressure(st) >= session.limit_pages.saturating_sub(2 * session.batch) {
+        session.kick_evictor();
+    }
     FetchJob {
         session: Arc::clone(session),
         fault: None,
         demand: Vec::new(),
         prefetch,
         marker,
-        direct,
     }
 }
 
+/// A worker's receive buffers, kept from job to job: allocating them per
+/// job cost a page fault and a clear per 4 KiB (the allocator hands large
+/// blocks back to the kernel), more than receiving the data itself.
+#[derive(Default)]
+pub struct Buffers {
+    demand: Vec<u8>,
+    prefetch: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+/// `buf` sized to `len` bytes. Old contents stay: every byte is received
+/// before it is used, and nothing is used after a failed receive.
+fn sized(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
+}
+
 /// Runs a fetch job on a worker thread.
-pub fn run(job: FetchJob, pager: &Pager) {
+pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
     let s = &job.session;
     let t0 = Instant::now();
     let demand_slots: Vec<u32> = job.demand.iter().map(|c| c.slot).collect();
     let pf_slots: Vec<u32> = job.prefetch.iter().map(|c| c.slot).collect();
     let demand = Batch::new(&pager.space, &demand_slots);
     let pf = Batch::new(&pager.space, &pf_slots);
-    let mut dbuf = vec![0u8; demand_slots.len() * PAGE];
-    let mut pbuf = vec![0u8; pf_slots.len() * PAGE];
+    let dbuf = sized(&mut bufs.demand, demand_slots.len() * PAGE);
+    let pbuf = sized(&mut bufs.prefetch, pf_slots.len() * PAGE);
+    let scratch = &mut bufs.scratch;
     // Post both, then wait: the prefetch travels while the demand installs.
     let posted = demand.post_read().and_then(|d| Ok((d, pf.post_read()?)));
     let (dpost, ppost) = match posted {
@@ -147,27 +181,27 @@ pub fn run(job: FetchJob, pager: &Pager) {
     };
     let c = &s.counters;
     if !job.demand.is_empty() {
-        if let Err(e) = demand.finish_read(dpost, &mut dbuf) {
+        if let Err(e) = demand.finish_read(dpost, dbuf, scratch) {
             return lost(s, pager, &job.demand, e);
         }
-        if !verify(s, pager, &job.demand, &dbuf) {
+        if !verify(s, pager, &job.demand, dbuf) {
             return;
         }
         Latencies::record(&s.lat.fetch, t0.elapsed());
         c.add(&c.bytes_fetched, dbuf.len() as u64);
         c.add(&c.faults_remote, 1);
-        install(s, pager, &job.demand, &dbuf, job.fault.as_ref());
+        install(s, pager, &job.demand, dbuf, job.fault.as_ref());
     }
     if job.prefetch.is_empty() {
         return;
     }
-    if pf.finish_read(ppost, &mut pbuf).is_err() {
+    if pf.finish_read(ppost, pbuf, scratch).is_err() {
         // A demand fault reports lost data; here just give the pages back.
         let mut st = s.lock();
         revert(s, &mut st, &job.prefetch);
         return;
     }
-    if !verify(s, pager, &job.prefetch, &pbuf) {
+    if !verify(s, pager, &job.prefetch, pbuf) {
         return;
     }
     c.add(&c.bytes_fetched, pbuf.len() as u64);
@@ -176,35 +210,36 @@ pub fn run(job: FetchJob, pager: &Pager) {
         pages = job.prefetch.len(),
         first = format!("{:#x}", job.prefetch[0].page),
         marker = ?job.marker,
-        direct = job.direct,
         "prefetched"
     );
-    if job.direct {
-        // Everything but the marker goes straight into the app.
-        let split = job
-            .marker
-            .and_then(|m| job.prefetch.iter().position(|c| c.page == m));
-        match split {
-            Some(k) => {
-                install(s, pager, &job.prefetch[..k], &pbuf[..k * PAGE], None);
-                to_cache(
-                    s,
-                    pager,
-                    &job.prefetch[k..=k],
-                    &pbuf[k * PAGE..(k + 1) * PAGE],
-                );
-                install(
-                    s,
-                    pager,
-                    &job.prefetch[k + 1..],
-                    &pbuf[(k + 1) * PAGE..],
-                    None,
-                );
-            }
-            None => install(s, pager, &job.prefetch, &pbuf, None),
+    // Room is decided now, not when the window was planned: the evictor
+    // made room while the data travelled (it counts pages in flight).
+    // Pages beyond the room, and the marker, go to the cache tier.
+    let room = {
+        let st = s.lock();
+        s.limit_pages.saturating_sub(Session::local(&st))
+    };
+    let marker = job
+        .marker
+        .and_then(|m| job.prefetch.iter().position(|c| c.page == m));
+    let direct_end = job.prefetch.len().min(room);
+    let mut at = 0;
+    for (cut, into_app) in [
+        (marker.unwrap_or(direct_end).min(direct_end), true),
+        (marker.map_or(at, |k| (k + 1).min(direct_end)), false),
+        (direct_end, true),
+        (job.prefetch.len(), false),
+    ] {
+        if cut <= at {
+            continue;
         }
-    } else {
-        to_cache(s, pager, &job.prefetch, &pbuf);
+        let (pages, data) = (&job.prefetch[at..cut], &pbuf[at * PAGE..cut * PAGE]);
+        if into_app {
+            install(s, pager, pages, data, None);
+        } else {
+            to_cache(s, pager, pages, data);
+        }
+        at = cut;
     }
 }
 

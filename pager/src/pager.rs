@@ -158,8 +158,9 @@ impl Pager {
             std::thread::Builder::new()
                 .name(format!("dmem-fetch-{i}"))
                 .spawn(move || {
+                    let mut bufs = fetch::Buffers::default();
                     for job in rx {
-                        fetch::run(job, &p);
+                        fetch::run(job, &p, &mut bufs);
                     }
                 })
                 .map_err(|e| PagerError::Config(format!("cannot start workers: {e}")))?;

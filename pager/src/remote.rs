@@ -78,16 +78,10 @@ struct TcpCompletion(Pending);
 
 impl Completion for TcpCompletion {
     fn wait(self: Box<Self>, out: &mut [u8]) -> Result<(), RemoteError> {
-        let data = self.0.wait()?;
-        if !out.is_empty() {
-            if data.len() != out.len() {
-                return Err(ClientError::ShortRead {
-                    got: data.len(),
-                    want: out.len(),
-                }
-                .into());
-            }
-            out.copy_from_slice(&data);
+        if out.is_empty() {
+            self.0.wait()?;
+        } else {
+            self.0.wait_into(out)?;
         }
         Ok(())
     }
@@ -526,23 +520,38 @@ impl<'a> Batch<'a> {
         Ok(posted)
     }
 
-    /// Waits for posted reads; page `i` lands at `out[i * PAGE..]`.
-    pub fn finish_read(&self, posted: Posted, out: &mut [u8]) -> Result<(), RemoteError> {
+    /// Waits for posted reads; page `i` lands at `out[i * PAGE..]`. Pages of
+    /// one node that are contiguous in `out` too (one node: all of them)
+    /// are received in place; the rest go through `scratch`.
+    pub fn finish_read(
+        &self,
+        posted: Posted,
+        out: &mut [u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), RemoteError> {
         assert!(out.len() >= self.pages * PAGE);
-        let mut buf = Vec::new();
         let mut first_err = None;
         for (node, c) in posted {
             let idx = &self.per_node[node].1;
-            buf.resize(idx.len() * PAGE, 0);
-            if let Err(e) = c.wait(&mut buf) {
+            let in_place = idx.windows(2).all(|w| w[1] == w[0] + 1);
+            let result = if in_place {
+                let at = idx.first().map_or(0, |&i| i * PAGE);
+                c.wait(&mut out[at..at + idx.len() * PAGE])
+            } else {
+                scratch.resize(idx.len() * PAGE, 0);
+                c.wait(&mut scratch[..]).map(|()| {
+                    for (k, &i) in idx.iter().enumerate() {
+                        out[i * PAGE..(i + 1) * PAGE]
+                            .copy_from_slice(&scratch[k * PAGE..(k + 1) * PAGE]);
+                    }
+                })
+            };
+            if let Err(e) = result {
                 self.space.node_failed(node, &e);
                 first_err.get_or_insert(e);
                 continue;
             }
             self.space.node_ok(node);
-            for (k, &i) in idx.iter().enumerate() {
-                out[i * PAGE..(i + 1) * PAGE].copy_from_slice(&buf[k * PAGE..(k + 1) * PAGE]);
-            }
         }
         first_err.map_or(Ok(()), Err)
     }

@@ -56,6 +56,9 @@ pub struct Counts {
     pub cached: usize,
     /// Only on a memory node (including pages being fetched).
     pub remote: usize,
+    /// Being fetched (part of `remote`): local pages soon, which the
+    /// evictor makes room for while they travel.
+    pub fetching: usize,
 }
 
 impl Counts {
@@ -70,6 +73,12 @@ impl Counts {
 
     /// Moves a page between places, keeping the counts right.
     pub fn moved(&mut self, from: Place, to: Place) {
+        if from == Place::Fetching {
+            self.fetching -= 1;
+        }
+        if to == Place::Fetching {
+            self.fetching += 1;
+        }
         if let Some(c) = self.slot(from) {
             *c -= 1;
         }
@@ -252,6 +261,12 @@ impl Session {
     /// Local pages: resident plus this app's cache frames.
     pub fn local(st: &State) -> usize {
         st.counts.resident + st.counts.cached
+    }
+
+    /// Local pages plus those on their way in: what the evictor keeps
+    /// under the high watermark, so that fetched pages find room.
+    pub fn pressure(st: &State) -> usize {
+        Self::local(st) + st.counts.fetching
     }
 
     /// Wakes the evictor.
@@ -549,27 +564,16 @@ impl Session {
         f: &Fault,
         m: PageMeta,
     ) -> bool {
-        let (fill, n) = self.install(st, f.page, pager.cache.ptr(m.frame), PAGE, Some(f));
-        if fill == Fill::Retry && n == 0 {
+        let (fill, done) = self.promote(pager, st, f.page, m.frame, Some(f));
+        if fill == Fill::Retry && !done {
             return true;
         }
-        if n == 1 {
-            pager.cache.release(m.frame);
+        if done {
             let c = &self.counters;
-            if let Some(pm) = st.table.get_mut(f.page) {
-                pm.frame = NO_FRAME;
-                // A write-back of it in flight no longer settles it (its
-                // data was copied): the page stays dirty, with its old slot.
-                pm.clear(flag::WRITEBACK);
-                if pm.has(flag::PREFETCHED) {
-                    pm.clear(flag::PREFETCHED);
-                    c.add(&c.prefetch_hits, 1);
-                }
-            }
             c.add(&c.faults_cache, 1);
         }
-        self.finish(f, n == 1);
-        if n == 1 {
+        self.finish(f, done);
+        if done {
             // Cache faults feed the stream detector too: a prefetch marker
             // lands here and starts the next window.
             let job = crate::fetch::plan_prefetch(self, pager, st, f.page);
@@ -578,6 +582,34 @@ impl Session {
             }
         }
         false
+    }
+
+    /// Copies a cached page back into the app and frees its frame (the
+    /// page's local count does not change). True when installed.
+    pub fn promote(
+        &self,
+        pager: &Pager,
+        st: &mut State,
+        page: u64,
+        frame: u32,
+        fault: Option<&Fault>,
+    ) -> (Fill, bool) {
+        let (fill, n) = self.install(st, page, pager.cache.ptr(frame), PAGE, fault);
+        if n == 1 {
+            pager.cache.release(frame);
+            let c = &self.counters;
+            if let Some(pm) = st.table.get_mut(page) {
+                pm.frame = NO_FRAME;
+                // A write-back of it in flight no longer settles it (its
+                // data was copied): the page stays dirty, with its old slot.
+                pm.clear(flag::WRITEBACK);
+                if pm.has(flag::PREFETCHED) && fault.is_some() {
+                    pm.clear(flag::PREFETCHED);
+                    c.add(&c.prefetch_hits, 1);
+                }
+            }
+        }
+        (fill, n == 1)
     }
 
     /// Ends a fault: records its latency when its page was installed (the
