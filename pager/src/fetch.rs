@@ -33,6 +33,8 @@ pub struct FetchJob {
     pub prefetch: Vec<Claimed>,
     /// The window's marker page, kept out of the app.
     pub marker: Option<u64>,
+    /// The stream writes: its pages go in writable (and dirty).
+    pub write: bool,
 }
 
 fn claim_page(st: &mut State, page: u64, prefetched: bool) -> Option<Claimed> {
@@ -67,15 +69,22 @@ pub fn claim(session: &Arc<Session>, pager: &Pager, st: &mut State, f: &Fault) -
         }
         p += PAGE as u64;
     }
-    let mut job = plan_prefetch(session, pager, st, f.page);
+    let mut job = plan_prefetch(session, pager, st, f.page, f.write);
     job.fault = Some(*f);
     job.demand = demand;
     job
 }
 
 /// Feeds a non-local fault to the stream detector and claims the pages of
-/// the window it asks for. The job may carry no page at all.
-pub fn plan_prefetch(session: &Arc<Session>, pager: &Pager, st: &mut State, page: u64) -> FetchJob {
+/// the window it asks for: pages already in the cache tier go into the app
+/// at once; remote ones make up the job, which may carry no page at all.
+pub fn plan_prefetch(
+    session: &Arc<Session>,
+    pager: &Pager,
+    st: &mut State,
+    page: u64,
+    write: bool,
+) -> FetchJob {
     let block_pages = (pager.cfg.block / PAGE) as i64;
     let outcome = st
         .prefetch
@@ -107,16 +116,16 @@ pub fn plan_prefetch(session: &Arc<Session>, pager: &Pager, st: &mut State, page
                     continue;
                 };
                 let is_marker = b == plan.marker && i == 0;
-                if m.place == Place::Cached && !is_marker {
-                    // Already local: into the app without a fault, no
-                    // network. (A cached marker stays: its fault is what
-                    // starts the next window.)
-                    if session.promote(pager, st, pg, m.frame, None).1 {
-                        if let Some(pm) = st.table.get_mut(pg) {
-                            pm.set(flag::PREFETCHED | flag::STREAMED);
-                        }
-                        promoted.push(pg);
+                // A cached page goes into the app now (no network), but
+                // for the marker: its fault is what starts the next window.
+                let now = m.place == Place::Cached
+                    && !is_marker
+                    && session.promote(pager, st, pg, m.frame, None, write).1;
+                if now {
+                    if let Some(pm) = st.table.get_mut(pg) {
+                        pm.set(flag::PREFETCHED | flag::STREAMED);
                     }
+                    promoted.push(pg);
                     continue;
                 }
                 if let Some(cl) = claim_page(st, pg, true) {
@@ -140,6 +149,7 @@ pub fn plan_prefetch(session: &Arc<Session>, pager: &Pager, st: &mut State, page
         demand: Vec::new(),
         prefetch,
         marker,
+        write,
     }
 }
 
@@ -190,7 +200,9 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
         Latencies::record(&s.lat.fetch, t0.elapsed());
         c.add(&c.bytes_fetched, dbuf.len() as u64);
         c.add(&c.faults_remote, 1);
-        install(s, pager, &job.demand, dbuf, job.fault.as_ref());
+        // A write fault on a one-page block: in writable at once.
+        let writable = job.demand.len() == 1 && job.fault.is_some_and(|f| f.write);
+        install(s, pager, &job.demand, dbuf, job.fault.as_ref(), writable);
     }
     if job.prefetch.is_empty() {
         return;
@@ -235,7 +247,7 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
         }
         let (pages, data) = (&job.prefetch[at..cut], &pbuf[at * PAGE..cut * PAGE]);
         if into_app {
-            install(s, pager, pages, data, None);
+            install(s, pager, pages, data, None, job.write);
         } else {
             to_cache(s, pager, pages, data);
         }
@@ -299,7 +311,14 @@ fn verify(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8]) -> bool {
 /// meets a pending address-space event (EAGAIN) is retried once the uffd
 /// reader has read it; the app is only woken to fault again if that keeps
 /// failing.
-fn install(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8], fault: Option<&Fault>) {
+fn install(
+    s: &Session,
+    pager: &Pager,
+    pages: &[Claimed],
+    buf: &[u8],
+    fault: Option<&Fault>,
+    writable: bool,
+) {
     let still = |st: &State, c: &Claimed| {
         st.table
             .get(c.page)
@@ -323,7 +342,8 @@ fn install(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8], fault: Opt
             j += 1;
         }
         let len = (j - i) * PAGE;
-        let (fill, n) = s.install(&mut st, pages[i].page, buf[i * PAGE..].as_ptr(), len, fault);
+        let src = buf[i * PAGE..].as_ptr();
+        let (fill, n) = s.install(&mut st, pages[i].page, src, len, fault, writable);
         if let Some(f) = fault {
             fault_done |= f.page >= pages[i].page && f.page < pages[i].page + (n * PAGE) as u64;
         }

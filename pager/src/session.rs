@@ -338,9 +338,12 @@ impl Session {
         self.kick_evictor();
     }
 
-    /// Installs `len` bytes at `dst` from `src` write-protected, then makes
-    /// the faulting page writable (and dirty) for a write fault, and wakes
-    /// it. Returns pages installed from the start of the range.
+    /// Installs `len` bytes at `dst` from `src`. With `writable` the pages
+    /// go in writable and count as dirty (the app is about to write them:
+    /// this saves a write-protect fault each). Otherwise they go in
+    /// write-protected, and the faulting page of a write fault is then made
+    /// writable (and dirty) and woken. Returns pages installed from the
+    /// start of the range.
     pub fn install(
         &self,
         st: &mut State,
@@ -348,18 +351,24 @@ impl Session {
         src: *const u8,
         len: usize,
         fault: Option<&Fault>,
+        writable: bool,
     ) -> (Fill, usize) {
         // A write fault inside the range is woken only once its page is
         // writable; otherwise the copy itself wakes the range.
         let write_at = fault
-            .filter(|f| f.write && f.page >= dst && f.page < dst + len as u64)
+            .filter(|f| !writable && f.write && f.page >= dst && f.page < dst + len as u64)
             .map(|f| f.page);
-        let (fill, done) = copy_run(self.uffd(), dst, src, len, write_at.is_none());
+        let (fill, done) = copy_run(self.uffd(), dst, src, len, !writable, write_at.is_none());
         let pages = done / PAGE;
         for i in 0..pages {
             let p = dst + (i * PAGE) as u64;
             st.place(p, Place::Resident);
             st.push_resident(p);
+            if writable {
+                if let Some(m) = st.table.get_mut(p) {
+                    m.set(flag::DIRTY);
+                }
+            }
         }
         if let Some(page) = write_at {
             if page < dst + done as u64 {
@@ -546,7 +555,8 @@ impl Session {
             hi += PAGE as u64;
         }
         let len = (hi - lo) as usize;
-        let (fill, n) = self.install(st, lo, pager.zeros.as_ptr(), len, Some(f));
+        let writable = f.write && len == PAGE;
+        let (fill, n) = self.install(st, lo, pager.zeros.as_ptr(), len, Some(f), writable);
         let installed = f.page < lo + (n * PAGE) as u64;
         if fill == Fill::Retry && !installed {
             return true;
@@ -554,6 +564,15 @@ impl Session {
         self.counters.add(&self.counters.faults_zero, 1);
         self.finish(f, installed);
         false
+    }
+
+    /// Plans the prefetch window after a fault served locally and hands
+    /// its remote part, if any, to a worker.
+    fn plan_and_dispatch(self: &Arc<Self>, pager: &Pager, st: &mut State, f: &Fault) {
+        let job = crate::fetch::plan_prefetch(self, pager, st, f.page, f.write);
+        if !job.prefetch.is_empty() {
+            pager.dispatch(job);
+        }
     }
 
     /// Page in a cache frame: one copy. Returns true to retry later.
@@ -564,7 +583,7 @@ impl Session {
         f: &Fault,
         m: PageMeta,
     ) -> bool {
-        let (fill, done) = self.promote(pager, st, f.page, m.frame, Some(f));
+        let (fill, done) = self.promote(pager, st, f.page, m.frame, Some(f), f.write);
         if fill == Fill::Retry && !done {
             return true;
         }
@@ -576,10 +595,7 @@ impl Session {
         if done {
             // Cache faults feed the stream detector too: a prefetch marker
             // lands here and starts the next window.
-            let job = crate::fetch::plan_prefetch(self, pager, st, f.page);
-            if !job.prefetch.is_empty() {
-                pager.dispatch(job);
-            }
+            self.plan_and_dispatch(pager, st, f);
         }
         false
     }
@@ -593,8 +609,9 @@ impl Session {
         page: u64,
         frame: u32,
         fault: Option<&Fault>,
+        writable: bool,
     ) -> (Fill, bool) {
-        let (fill, n) = self.install(st, page, pager.cache.ptr(frame), PAGE, fault);
+        let (fill, n) = self.install(st, page, pager.cache.ptr(frame), PAGE, fault, writable);
         if n == 1 {
             pager.cache.release(frame);
             let c = &self.counters;
@@ -751,8 +768,15 @@ impl Drop for EvictionPass<'_> {
 
 /// UFFDIO_COPY of a run, reporting how much landed. Pages land in order;
 /// an error stops the run (the caller reverts what did not land).
-fn copy_run(uffd: RawFd, dst: u64, src: *const u8, len: usize, wake: bool) -> (Fill, usize) {
-    match sys::uffd_copy(uffd, dst, src, len, true, wake) {
+fn copy_run(
+    uffd: RawFd,
+    dst: u64,
+    src: *const u8,
+    len: usize,
+    wp: bool,
+    wake: bool,
+) -> (Fill, usize) {
+    match sys::uffd_copy(uffd, dst, src, len, wp, wake) {
         Ok((fill, done)) => (fill, done),
         Err(e) => {
             warn!("UFFDIO_COPY failed: {e}");
