@@ -703,3 +703,58 @@ fn shared_client_stress_waits_in_random_order() {
     }
     assert_eq!(c.reconnects(), 0);
 }
+
+/// `wait_into` (the pager's read path) puts every reply's data into the
+/// caller's buffer, whether the waiter read its own reply off the socket
+/// (received in place) or another waiter did and handed it over (copied):
+/// several threads with reads of different sizes in flight on one
+/// connection force both. A buffer of the wrong size is an error, not a
+/// partial or overlong copy.
+#[test]
+fn wait_into_delivers_every_reply_into_the_callers_buffer() {
+    let node = Memnode::start::<&str>(&[]);
+    let c = node.client();
+    let pages = 256;
+    c.alloc(1, (pages * PAGE) as u64).unwrap();
+    let data = Arc::new(Rng::new("wait_into").bytes(pages * PAGE));
+    c.write(&page_extents(1, 0, pages), &data).unwrap();
+
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (c, data) = (c.clone(), Arc::clone(&data));
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(&format!("wait_into-{t}"));
+                let mut buf = vec![0xEEu8; 64 * PAGE];
+                for _ in 0..100 {
+                    let n = 1 + rng.below(64) as usize;
+                    let first = rng.below((pages - n) as u64) as usize;
+                    let p = c.submit_read(&page_extents(1, first, n)).unwrap();
+                    buf.fill(0xEE);
+                    p.wait_into(&mut buf[..n * PAGE]).unwrap();
+                    assert_same(
+                        &buf[..n * PAGE],
+                        &data[first * PAGE..(first + n) * PAGE],
+                        "wait_into",
+                    );
+                    assert!(
+                        buf[n * PAGE..].iter().all(|&b| b == 0xEE),
+                        "wait_into wrote past the requested size"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("reader thread");
+    }
+
+    let p = c.submit_read(&page_extents(1, 0, 2)).unwrap();
+    let mut small = vec![0u8; PAGE];
+    match p.wait_into(&mut small) {
+        Err(ClientError::ShortRead { got, want }) => assert_eq!((got, want), (2 * PAGE, PAGE)),
+        other => panic!("expected ShortRead for a one-page buffer, got {other:?}"),
+    }
+    let mut exact = vec![0u8; 2 * PAGE];
+    c.read_into(&page_extents(1, 0, 2), &mut exact).unwrap();
+    assert_same(&exact, &data[..2 * PAGE], "read_into after a short read");
+}
