@@ -31,6 +31,9 @@ use crate::protocol::{
     Secret, StatReply, Welcome, HEADER_LEN, REPLY_BIT, VERSION_MAX, VERSION_MIN,
 };
 
+/// Pause after the first failed reconnect attempt; it doubles up to 500 ms.
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+
 /// How long a request write may block before the writer checks for
 /// replies to read (see `Conn::write_frame`).
 const WRITE_STALL: Duration = Duration::from_millis(5);
@@ -511,7 +514,7 @@ impl Shared {
         }
         current.kill();
         let resume = *lock(&self.session);
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = FIRST_BACKOFF;
         loop {
             match open(&self.cfg, Some(resume), current.generation + 1) {
                 Ok((conn, welcome)) => {
@@ -529,7 +532,12 @@ impl Shared {
                     if Instant::now() >= deadline {
                         return Err(e);
                     }
-                    warn!(addr = %self.cfg.addr, "reconnect failed, retrying: {e}");
+                    // Once per outage, not once per attempt.
+                    if backoff == FIRST_BACKOFF {
+                        warn!(addr = %self.cfg.addr, "reconnect failed, retrying: {e}");
+                    } else {
+                        debug!(addr = %self.cfg.addr, "reconnect failed, retrying: {e}");
+                    }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
