@@ -553,9 +553,10 @@ impl Pending {
         self.wait_inner()
     }
 
-    /// Waits for a READ's reply and puts its data into `out`, which must be
-    /// exactly the size read. When this thread reads its own reply off the
-    /// socket the data goes there directly; else it is copied once.
+    /// Waits for the reply and puts its data into `out`, which must be
+    /// exactly the size read (empty for requests that return no data).
+    /// When this thread reads its own READ reply off the socket the data
+    /// goes there directly; else it is copied once.
     pub fn wait_into(mut self, out: &mut [u8]) -> Result<(), ClientError> {
         let raw = self.wait_raw(out)?;
         if raw.in_dest {

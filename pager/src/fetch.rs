@@ -200,9 +200,7 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
         Latencies::record(&s.lat.fetch, t0.elapsed());
         c.add(&c.bytes_fetched, dbuf.len() as u64);
         c.add(&c.faults_remote, 1);
-        // A write fault on a one-page block: in writable at once.
-        let writable = job.demand.len() == 1 && job.fault.is_some_and(|f| f.write);
-        install(s, pager, &job.demand, dbuf, job.fault.as_ref(), writable);
+        install(s, pager, &job.demand, dbuf, job.fault.as_ref(), false);
     }
     if job.prefetch.is_empty() {
         return;
@@ -234,24 +232,19 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
     let marker = job
         .marker
         .and_then(|m| job.prefetch.iter().position(|c| c.page == m));
-    let direct_end = job.prefetch.len().min(room);
+    let into_app = |k: usize| k < room && Some(k) != marker;
+    let n = job.prefetch.len();
     let mut at = 0;
-    for (cut, into_app) in [
-        (marker.unwrap_or(direct_end).min(direct_end), true),
-        (marker.map_or(at, |k| (k + 1).min(direct_end)), false),
-        (direct_end, true),
-        (job.prefetch.len(), false),
-    ] {
-        if cut <= at {
-            continue;
-        }
-        let (pages, data) = (&job.prefetch[at..cut], &pbuf[at * PAGE..cut * PAGE]);
-        if into_app {
+    while at < n {
+        let app = into_app(at);
+        let end = (at + 1..n).find(|&k| into_app(k) != app).unwrap_or(n);
+        let (pages, data) = (&job.prefetch[at..end], &pbuf[at * PAGE..end * PAGE]);
+        if app {
             install(s, pager, pages, data, None, job.write);
         } else {
             to_cache(s, pager, pages, data);
         }
-        at = cut;
+        at = end;
     }
 }
 

@@ -78,12 +78,7 @@ struct TcpCompletion(Pending);
 
 impl Completion for TcpCompletion {
     fn wait(self: Box<Self>, out: &mut [u8]) -> Result<(), RemoteError> {
-        if out.is_empty() {
-            self.0.wait()?;
-        } else {
-            self.0.wait_into(out)?;
-        }
-        Ok(())
+        Ok(self.0.wait_into(out)?)
     }
 }
 

@@ -338,12 +338,12 @@ impl Session {
         self.kick_evictor();
     }
 
-    /// Installs `len` bytes at `dst` from `src`. With `writable` the pages
-    /// go in writable and count as dirty (the app is about to write them:
-    /// this saves a write-protect fault each). Otherwise they go in
-    /// write-protected, and the faulting page of a write fault is then made
-    /// writable (and dirty) and woken. Returns pages installed from the
-    /// start of the range.
+    /// Installs `len` bytes at `dst` from `src`. With `writable`, and for a
+    /// write fault on exactly this one page, the pages go in writable and
+    /// count as dirty (the app is about to write them: this saves a
+    /// write-protect fault each). Otherwise they go in write-protected, and
+    /// the faulting page of a write fault is then made writable (and dirty)
+    /// and woken. Returns pages installed from the start of the range.
     pub fn install(
         &self,
         st: &mut State,
@@ -353,6 +353,7 @@ impl Session {
         fault: Option<&Fault>,
         writable: bool,
     ) -> (Fill, usize) {
+        let writable = writable || fault.is_some_and(|f| f.write && f.page == dst && len == PAGE);
         // A write fault inside the range is woken only once its page is
         // writable; otherwise the copy itself wakes the range.
         let write_at = fault
@@ -555,8 +556,7 @@ impl Session {
             hi += PAGE as u64;
         }
         let len = (hi - lo) as usize;
-        let writable = f.write && len == PAGE;
-        let (fill, n) = self.install(st, lo, pager.zeros.as_ptr(), len, Some(f), writable);
+        let (fill, n) = self.install(st, lo, pager.zeros.as_ptr(), len, Some(f), false);
         let installed = f.page < lo + (n * PAGE) as u64;
         if fill == Fill::Retry && !installed {
             return true;
@@ -564,15 +564,6 @@ impl Session {
         self.counters.add(&self.counters.faults_zero, 1);
         self.finish(f, installed);
         false
-    }
-
-    /// Plans the prefetch window after a fault served locally and hands
-    /// its remote part, if any, to a worker.
-    fn plan_and_dispatch(self: &Arc<Self>, pager: &Pager, st: &mut State, f: &Fault) {
-        let job = crate::fetch::plan_prefetch(self, pager, st, f.page, f.write);
-        if !job.prefetch.is_empty() {
-            pager.dispatch(job);
-        }
     }
 
     /// Page in a cache frame: one copy. Returns true to retry later.
@@ -583,7 +574,7 @@ impl Session {
         f: &Fault,
         m: PageMeta,
     ) -> bool {
-        let (fill, done) = self.promote(pager, st, f.page, m.frame, Some(f), f.write);
+        let (fill, done) = self.promote(pager, st, f.page, m.frame, Some(f), false);
         if fill == Fill::Retry && !done {
             return true;
         }
@@ -595,7 +586,10 @@ impl Session {
         if done {
             // Cache faults feed the stream detector too: a prefetch marker
             // lands here and starts the next window.
-            self.plan_and_dispatch(pager, st, f);
+            let job = crate::fetch::plan_prefetch(self, pager, st, f.page, f.write);
+            if !job.prefetch.is_empty() {
+                pager.dispatch(job);
+            }
         }
         false
     }

@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dmem_tests::{bin_path, run_cmd, TempDir};
+use dmem_tests::{bin_path, eventually, run_cmd, TempDir};
 
 /// The C test program (tests/programs/heap.c), compiled once per test run.
 fn heap_bin() -> PathBuf {
@@ -328,17 +328,11 @@ fn pager_killed_mid_run_stops_the_program_with_a_message() {
     std::io::Read::read_exact(&mut out, &mut line).expect("program never got ready");
     assert_eq!(&line, b"ready\n");
     pager.kill9();
-    let t = Instant::now();
-    let st = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "program kept running without its pager"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let st = eventually(
+        Duration::from_secs(30),
+        "the program to stop without its pager",
+        || child.try_wait().unwrap(),
+    );
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!st.success());
@@ -384,17 +378,11 @@ fn sigterm_to_dmem_run_reaches_the_program() {
         .status()
         .expect("kill");
     assert!(st.success());
-    let t = Instant::now();
-    let st = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the program did not stop on the SIGTERM sent to dmem run"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let st = eventually(
+        Duration::from_secs(20),
+        "the program to stop on the SIGTERM sent to dmem run",
+        || child.try_wait().unwrap(),
+    );
     assert_eq!(
         st.code(),
         Some(128 + 15),
