@@ -69,6 +69,7 @@ pub fn claim(session: &Arc<Session>, pager: &Pager, st: &mut State, f: &Fault) -
         }
         p += PAGE as u64;
     }
+    st.reserved += demand.len();
     let mut job = plan_prefetch(session, pager, st, f.page, f.write);
     job.fault = Some(*f);
     job.demand = demand;
@@ -172,9 +173,19 @@ fn sized(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
     &mut buf[..len]
 }
 
+/// Gives back the room a demand fetch reserved, however the job ends.
+struct Reservation<'a>(&'a Session, usize);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.0.lock().reserved -= self.1;
+    }
+}
+
 /// Runs a fetch job on a worker thread.
 pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
     let s = &job.session;
+    let reservation = Reservation(s, job.demand.len());
     let t0 = Instant::now();
     let demand_slots: Vec<u32> = job.demand.iter().map(|c| c.slot).collect();
     let pf_slots: Vec<u32> = job.prefetch.iter().map(|c| c.slot).collect();
@@ -200,8 +211,17 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
         Latencies::record(&s.lat.fetch, t0.elapsed());
         c.add(&c.bytes_fetched, dbuf.len() as u64);
         c.add(&c.faults_remote, 1);
-        install(s, pager, &job.demand, dbuf, job.fault.as_ref(), false);
+        install(
+            s,
+            pager,
+            &job.demand,
+            dbuf,
+            job.fault.as_ref(),
+            false,
+            false,
+        );
     }
+    drop(reservation);
     if job.prefetch.is_empty() {
         return;
     }
@@ -222,29 +242,29 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
         marker = ?job.marker,
         "prefetched"
     );
-    // Room is decided now, not when the window was planned: the evictor
-    // made room while the data travelled (it counts pages in flight).
-    // Pages beyond the room, and the marker, go to the cache tier.
-    let room = {
-        let st = s.lock();
-        s.limit_pages.saturating_sub(Session::local(&st))
-    };
+    // Room is decided as each run goes in, not when the window was planned:
+    // the evictor made room while the data travelled (it counts pages in
+    // flight). Pages beyond the room go back to the memory node; the
+    // marker goes to the cache tier, where its fault starts the next window.
     let marker = job
         .marker
         .and_then(|m| job.prefetch.iter().position(|c| c.page == m));
-    let into_app = |k: usize| k < room && Some(k) != marker;
     let n = job.prefetch.len();
-    let mut at = 0;
-    while at < n {
-        let app = into_app(at);
-        let end = (at + 1..n).find(|&k| into_app(k) != app).unwrap_or(n);
-        let (pages, data) = (&job.prefetch[at..end], &pbuf[at * PAGE..end * PAGE]);
-        if app {
-            install(s, pager, pages, data, None, job.write);
-        } else {
-            to_cache(s, pager, pages, data);
-        }
-        at = end;
+    let runs = match marker {
+        Some(k) => [(0, k), (k + 1, n)],
+        None => [(0, n), (n, n)],
+    };
+    for (a, b) in runs {
+        let (pages, data) = (&job.prefetch[a..b], &pbuf[a * PAGE..b * PAGE]);
+        install(s, pager, pages, data, None, job.write, true);
+    }
+    if let Some(k) = marker {
+        to_cache(
+            s,
+            pager,
+            &job.prefetch[k..=k],
+            &pbuf[k * PAGE..(k + 1) * PAGE],
+        );
     }
 }
 
@@ -303,7 +323,9 @@ fn verify(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8]) -> bool {
 /// Installs fetched pages still wanted, in contiguous runs. A run that
 /// meets a pending address-space event (EAGAIN) is retried once the uffd
 /// reader has read it; the app is only woken to fault again if that keeps
-/// failing.
+/// failing. `capped` (prefetched pages, which have no reserved room) stops
+/// at the app's room, checked under the same lock as each run goes in, and
+/// gives the rest back to the memory node.
 fn install(
     s: &Session,
     pager: &Pager,
@@ -311,6 +333,7 @@ fn install(
     buf: &[u8],
     fault: Option<&Fault>,
     writable: bool,
+    capped: bool,
 ) {
     let still = |st: &State, c: &Claimed| {
         st.table
@@ -327,8 +350,16 @@ fn install(
             i += 1;
             continue;
         }
+        let room = if capped { s.room(&st) } else { usize::MAX };
+        if room == 0 {
+            let c = &s.counters;
+            c.add(&c.prefetch_waste, (pages.len() - i) as u64);
+            revert(s, &mut st, &pages[i..]);
+            break;
+        }
         let mut j = i + 1;
         while j < pages.len()
+            && j - i < room
             && pages[j].page == pages[j - 1].page + PAGE as u64
             && still(&st, &pages[j])
         {
@@ -365,7 +396,7 @@ fn install(
 /// Times an install waits out pending address-space events before giving up.
 const RETRIES: usize = 200;
 
-/// Prefetched pages into cache frames (no room in the app).
+/// Prefetched pages into cache frames, while the app has room.
 fn to_cache(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8]) {
     let mut st = s.lock();
     for (i, c) in pages.iter().enumerate() {
@@ -376,7 +407,13 @@ fn to_cache(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8]) {
         if !wanted {
             continue;
         }
-        match pager.cache.alloc() {
+        // Cache frames count against the app's limit too.
+        let frame = if s.room(&st) > 0 {
+            pager.cache.alloc()
+        } else {
+            None
+        };
+        match frame {
             Some(frame) => {
                 pager.cache.write(frame, &buf[i * PAGE..(i + 1) * PAGE]);
                 if let Some(m) = st.table.get_mut(c.page) {

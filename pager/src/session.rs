@@ -98,6 +98,9 @@ pub struct State {
     pub last_prefetch: Vec<u64>,
     /// Most local pages (resident + cached) seen at any moment.
     pub peak_local: usize,
+    /// Pages of demand fetches in flight: counted against the limit from
+    /// the moment they are claimed, so that nothing else takes their room.
+    pub reserved: usize,
     /// Eviction cannot make progress (no remote space): faults are served
     /// over the limit instead of being held back.
     pub stuck: bool,
@@ -192,6 +195,7 @@ impl Session {
                 prefetch,
                 last_prefetch: Vec::new(),
                 peak_local: 0,
+                reserved: 0,
                 stuck: false,
             }),
             counters: Counters::default(),
@@ -261,6 +265,13 @@ impl Session {
     /// Local pages: resident plus this app's cache frames.
     pub fn local(st: &State) -> usize {
         st.counts.resident + st.counts.cached
+    }
+
+    /// Pages that may still become local under the limit: demand fetches
+    /// in flight already have theirs.
+    pub fn room(&self, st: &State) -> usize {
+        self.limit_pages
+            .saturating_sub(Self::local(st) + st.reserved)
     }
 
     /// Local pages plus those on their way in: what the evictor keeps
@@ -504,7 +515,9 @@ impl Session {
                 self.wake(f.page, PAGE);
             }
             (false, Place::Zero | Place::Cached | Place::Remote) => {
-                if !st.stuck && !self.held() && Self::local(&st) >= self.limit_pages {
+                // A fault may make a whole block local.
+                let need = (pager.cfg.block / PAGE).min(self.limit_pages.max(1));
+                if !st.stuck && !self.held() && self.room(&st) < need {
                     if f.at.elapsed() < HOLD_BACK {
                         c.add(&c.faults_throttled, 1);
                         self.kick_evictor();
