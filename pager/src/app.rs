@@ -6,10 +6,11 @@
 //! unregister the arena and evicted pages would read as zeros), and runs the
 //! agent thread that carries out evictions.
 //!
-//! The agent copies victims with `process_vm_readv` on its own process, so
-//! a victim the app unmapped meanwhile yields EFAULT instead of a crash, and
-//! drops them with `MADV_DONTNEED`. It never touches managed memory
-//! otherwise. When the pager reports that data is lost, or the pager dies,
+//! The agent moves victims out of the arena with `UFFDIO_MOVE` into a
+//! buffer of its own ([`MoveOut`]); where that fails it copies them with
+//! `process_vm_readv` on its own process (a victim the app unmapped
+//! meanwhile yields EFAULT instead of a crash) and drops them with
+//! `MADV_DONTNEED`. It never touches managed memory otherwise. When the pager reports that data is lost, or the pager dies,
 //! the agent stops the program with a message: silent zeros are never an
 //! option.
 
@@ -258,6 +259,7 @@ fn die(msg: &str) -> ! {
 fn agent_loop(sock: &OwnedFd, staging: &Mapping) {
     let mut buf = vec![0u8; MAX_MSG];
     let mut page = vec![0u8; PAGE];
+    let out = MoveOut::new();
     loop {
         let msg = match recv_msg(sock, &mut buf) {
             Ok((Some(m), _)) => m,
@@ -270,23 +272,15 @@ fn agent_loop(sock: &OwnedFd, staging: &Mapping) {
         };
         match msg {
             Msg::Evict { batch, entries } => {
-                let mut status = Vec::with_capacity(entries.len());
-                for e in &entries {
-                    let mut st = EvictStatus::Done;
-                    if e.slot != NO_COPY {
-                        match sys::read_own_memory(e.addr, &mut page) {
-                            Ok(()) => sys::mapping_write(staging, e.slot as usize * PAGE, &page),
-                            Err(_) => st = EvictStatus::Unmapped,
-                        }
-                    }
-                    status.push(st);
-                }
-                drop_pages(&entries, &mut status);
+                let status = evict(&entries, staging, out.as_ref(), &mut page);
                 let reply = wire::encode(&Msg::Evicted { batch, status });
                 if let Err(e) = sys::send_with_fds(sock.as_raw_fd(), &reply, &[]) {
                     die(&format!(
                         "cannot answer the pager ({e}); stopping this program"
                     ));
+                }
+                if let Some(o) = &out {
+                    o.clear(entries.len());
                 }
             }
             Msg::Fatal(why) => die(&why),
@@ -295,15 +289,103 @@ fn agent_loop(sock: &OwnedFd, staging: &Mapping) {
     }
 }
 
+/// The agent's eviction buffer: victims are moved into it with UFFDIO_MOVE
+/// (one ioctl per contiguous run, no copy), copied to staging from there,
+/// and dropped from it with one MADV_DONTNEED. It is registered with a
+/// userfaultfd of its own that reports no events, so unlike a
+/// MADV_DONTNEED of the arena, which waits for the pager's uffd reader to
+/// see its REMOVE event, nothing waits for the pager.
+struct MoveOut {
+    uffd: OwnedFd,
+    buf: Mapping,
+}
+
+impl MoveOut {
+    /// None where the kernel has no UFFDIO_MOVE (before 6.8): then every
+    /// victim takes the copy-and-DONTNEED path.
+    fn new() -> Option<MoveOut> {
+        let len = wire::MAX_BATCH * PAGE;
+        let buf = Mapping::anonymous(len).ok()?;
+        let _ = sys::no_huge_pages(buf.addr(), len);
+        let uffd = sys::uffd_for_moves(buf.addr(), len).ok()?;
+        Some(MoveOut { uffd, buf })
+    }
+
+    /// Moves `entries[i..j]` (contiguous in the arena) to the same
+    /// positions of the buffer; returns how many pages, from `i`, moved.
+    /// The rest could not be (shared with a forked child, a hole).
+    fn take(&self, entries: &[wire::EvictEntry], i: usize, j: usize) -> usize {
+        let dst = self.buf.addr() + (i * PAGE) as u64;
+        let (moved, _) =
+            sys::uffd_move(self.uffd.as_raw_fd(), dst, entries[i].addr, (j - i) * PAGE);
+        moved / PAGE
+    }
+
+    /// Page `k` of the buffer, which must have been moved in.
+    fn read(&self, k: usize, out: &mut [u8]) {
+        sys::mapping_read(&self.buf, k * PAGE, out);
+    }
+
+    /// Empties the first `n` pages, ready for the next batch (a move needs
+    /// an empty destination). Nothing reads them before they are moved in
+    /// again: an access would wait forever on a uffd nobody serves.
+    fn clear(&self, n: usize) {
+        let _ = sys::dontneed(self.buf.addr(), n * PAGE);
+    }
+}
+
+/// Carries out one eviction batch (entries in address order): contiguous
+/// runs are moved out, or where that fails copied out and dropped.
+fn evict(
+    entries: &[wire::EvictEntry],
+    staging: &Mapping,
+    out: Option<&MoveOut>,
+    page: &mut [u8],
+) -> Vec<EvictStatus> {
+    let mut status = vec![EvictStatus::Done; entries.len()];
+    let mut i = 0;
+    while i < entries.len() {
+        let j = run_end(entries, i);
+        let moved = out.map_or(0, |o| o.take(entries, i, j));
+        for k in i..i + moved {
+            if entries[k].slot != NO_COPY {
+                if let Some(o) = out {
+                    o.read(k, page);
+                }
+                sys::mapping_write(staging, entries[k].slot as usize * PAGE, page);
+            }
+            status[k] = EvictStatus::Moved;
+        }
+        let rest = i + moved..j;
+        for k in rest.clone() {
+            if entries[k].slot != NO_COPY {
+                match sys::read_own_memory(entries[k].addr, page) {
+                    Ok(()) => sys::mapping_write(staging, entries[k].slot as usize * PAGE, page),
+                    Err(_) => status[k] = EvictStatus::Unmapped,
+                }
+            }
+        }
+        drop_pages(&entries[rest.clone()], &mut status[rest]);
+        i = j;
+    }
+    status
+}
+
+/// End of the run of contiguous entries starting at `i`.
+fn run_end(entries: &[wire::EvictEntry], i: usize) -> usize {
+    let mut j = i + 1;
+    while j < entries.len() && entries[j].addr == entries[j - 1].addr + PAGE as u64 {
+        j += 1;
+    }
+    j
+}
+
 /// `MADV_DONTNEED` over runs of contiguous victims; a run that fails (the
 /// app unmapped part of it) is retried page by page.
 fn drop_pages(entries: &[wire::EvictEntry], status: &mut [EvictStatus]) {
     let mut i = 0;
     while i < entries.len() {
-        let mut j = i + 1;
-        while j < entries.len() && entries[j].addr == entries[j - 1].addr + PAGE as u64 {
-            j += 1;
-        }
+        let j = run_end(entries, i);
         if sys::dontneed(entries[i].addr, (j - i) * PAGE).is_err() {
             for k in i..j {
                 if sys::dontneed(entries[k].addr, PAGE).is_err() {

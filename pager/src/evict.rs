@@ -127,7 +127,6 @@ fn cache_quota(s: &Session, pager: &Pager) -> usize {
 fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
     let t0 = Instant::now();
     let mut victims: Vec<Victim> = Vec::with_capacity(s.batch);
-    let mut entries: Vec<EvictEntry> = Vec::with_capacity(s.batch);
     let mut dirty: Vec<u64> = Vec::new();
     {
         let _r = s.mm.read().unwrap_or_else(|p| p.into_inner());
@@ -172,17 +171,12 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             if m.dirty() {
                 dirty.push(page);
             }
-            let slot = if frame == NO_FRAME {
-                NO_COPY
-            } else {
-                victims.len() as u32
-            };
-            entries.push(EvictEntry { addr: page, slot });
             victims.push(Victim { page, frame });
         }
         // Freeze the content of dirty victims: writers now wait in the
         // pager. Clean ones are write-protected already (that is how they
         // stay clean). One ioctl per contiguous run.
+        dirty.sort_unstable();
         let failed = write_protect_runs(s, &dirty);
         if !failed.is_empty() {
             // An address-space event is pending: keep those pages for later.
@@ -190,7 +184,6 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             while k < victims.len() {
                 if failed.contains(&victims[k].page) {
                     let v = victims.remove(k);
-                    entries.remove(k);
                     if v.frame != NO_FRAME {
                         pager.cache.release(v.frame);
                     }
@@ -203,16 +196,27 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                     k += 1;
                 }
             }
-            for (i, e) in entries.iter_mut().enumerate() {
-                if e.slot != NO_COPY {
-                    e.slot = i as u32;
-                }
-            }
         }
     }
     if victims.is_empty() {
         return false;
     }
+    // In address order: the agent drops contiguous victims with one
+    // MADV_DONTNEED, and each call waits for the uffd reader to see its
+    // REMOVE event (in FIFO order nearly every page was a call of its own).
+    victims.sort_unstable_by_key(|v| v.page);
+    let entries: Vec<EvictEntry> = victims
+        .iter()
+        .enumerate()
+        .map(|(i, v)| EvictEntry {
+            addr: v.page,
+            slot: if v.frame == NO_FRAME {
+                NO_COPY
+            } else {
+                i as u32
+            },
+        })
+        .collect();
     // Staging slots are indexed by victim position; the staging area holds
     // a whole batch.
     let t_prep = t0.elapsed();
@@ -256,6 +260,21 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                 }
                 continue;
             }
+            if status[i] == EvictStatus::Moved {
+                // No REMOVE event of ours comes for a moved page. If its
+                // flag is gone, a REMOVE did come: the app's own
+                // DONTNEED, taken for ours. The app freed the page.
+                if !m.has(flag::OUR_REMOVE) {
+                    if v.frame != NO_FRAME {
+                        pager.cache.release(v.frame);
+                    }
+                    s.forget(pager, &mut st, v.page);
+                    continue;
+                }
+                if let Some(m) = st.table.get_mut(v.page) {
+                    m.clear(flag::OUR_REMOVE);
+                }
+            }
             c.add(&c.evictions, 1);
             if v.frame != NO_FRAME {
                 sys::mapping_read(&s.staging, i * PAGE, &mut page_buf);
@@ -288,6 +307,11 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
         session = s.id,
         pages = victims.len(),
         copied = entries.iter().filter(|e| e.slot != NO_COPY).count(),
+        moved = status.iter().filter(|&&x| x == EvictStatus::Moved).count(),
+        runs = 1 + entries
+            .windows(2)
+            .filter(|w| w[1].addr != w[0].addr + PAGE as u64)
+            .count(),
         prep_us = t_prep.as_micros() as u64,
         agent_us = (t_agent - t_prep).as_micros() as u64,
         total_us = t0.elapsed().as_micros() as u64,

@@ -647,7 +647,7 @@ impl Session {
     }
 
     /// Forgets a page's content (the app freed it): zeros from now on.
-    fn forget(&self, pager: &Pager, st: &mut State, page: u64) {
+    pub fn forget(&self, pager: &Pager, st: &mut State, page: u64) {
         let Some(m) = st.table.get_mut(page) else {
             return;
         };

@@ -260,6 +260,79 @@ pub fn dontneed(addr: u64, len: usize) -> Result<(), Errno> {
     }
 }
 
+/// `UFFD_FEATURE_MOVE` and `UFFDIO_MOVE` (Linux 6.8; the headers the
+/// bindings are built from are older).
+const UFFD_FEATURE_MOVE: u64 = 1 << 16;
+const UFFDIO_MOVE: libc::c_ulong = 0xC028_AA05; // _IOWR(0xAA, 5, uffdio_move)
+
+#[repr(C)]
+struct UffdioMove {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    moved: i64,
+}
+
+/// A userfaultfd of this process that reports no events and has `[addr,
+/// addr+len)` registered for missing faults: pages can be moved into that
+/// range with [`uffd_move`], from anywhere in the process.
+pub fn uffd_for_moves(addr: u64, len: usize) -> Result<OwnedFd, Errno> {
+    // SAFETY: plain syscall; the returned descriptor is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor to us alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut api = raw::uffdio_api {
+        api: raw::UFFD_API,
+        features: UFFD_FEATURE_MOVE,
+        ioctls: 0,
+    };
+    // SAFETY: valid uffdio_api argument living across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), raw::UFFDIO_API as _, &mut api) } != 0 {
+        return Err(Errno::last());
+    }
+    let mut reg = raw::uffdio_register {
+        range: raw::uffdio_range {
+            start: addr,
+            len: len as u64,
+        },
+        mode: raw::UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: valid uffdio_register argument living across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), raw::UFFDIO_REGISTER as _, &mut reg) } != 0 {
+        return Err(Errno::last());
+    }
+    Ok(fd)
+}
+
+/// `UFFDIO_MOVE` of `len` bytes of this process from `src` to `dst` (in a
+/// range registered with `uffd`): the pages change address, nothing is
+/// copied, `src` is left unpopulated and no event is raised. Returns how
+/// many bytes moved, and the error that stopped it early (EBUSY: a page
+/// shared with a forked child; ENOENT: a hole).
+pub fn uffd_move(uffd: RawFd, dst: u64, src: u64, len: usize) -> (usize, Option<Errno>) {
+    let mut arg = UffdioMove {
+        dst,
+        src,
+        len: len as u64,
+        mode: 0,
+        moved: 0,
+    };
+    // SAFETY: valid uffdio_move argument living across the call. To the
+    // code using `src`, the pages just leave, as after MADV_DONTNEED: its
+    // next access faults to the pager; `dst` is the caller's own buffer.
+    let rc = unsafe { libc::ioctl(uffd, UFFDIO_MOVE, &mut arg) };
+    if rc == 0 {
+        return (len, None);
+    }
+    let e = Errno::last();
+    (usize::try_from(arg.moved).unwrap_or(0).min(len), Some(e))
+}
+
 /// `madvise(MADV_NOHUGEPAGE)`: uffd serves 4 KiB pages; keep THP out.
 pub fn no_huge_pages(addr: u64, len: usize) -> Result<(), Errno> {
     // SAFETY: advisory only; does not change contents.

@@ -76,6 +76,9 @@ pub enum EvictStatus {
     Done = 0,
     /// The page was unmapped: nothing copied.
     Unmapped = 1,
+    /// Copied (if asked) and taken out with UFFDIO_MOVE: unlike a
+    /// MADV_DONTNEED, that raised no REMOVE event.
+    Moved = 2,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,6 +291,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, WireError> {
                     .map(|s| match s {
                         0 => Ok(EvictStatus::Done),
                         1 => Ok(EvictStatus::Unmapped),
+                        2 => Ok(EvictStatus::Moved),
                         _ => Err(WireError::Malformed("evicted")),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
@@ -369,7 +373,7 @@ mod tests {
             },
             Msg::Evicted {
                 batch: 9,
-                status: vec![EvictStatus::Done, EvictStatus::Unmapped],
+                status: vec![EvictStatus::Done, EvictStatus::Unmapped, EvictStatus::Moved],
             },
             Msg::Fatal("gone".into()),
             Msg::StatsRequest,
