@@ -135,10 +135,12 @@ impl Pager {
             what: "cache tier",
             source,
         })?;
-        let zeros = Mapping::anonymous(cfg.block).map_err(|source| PagerError::Memory {
-            what: "zero block",
-            source,
-        })?;
+        // A block, plus the most a zero fill reaches ahead of its fault.
+        let zeros = Mapping::anonymous(cfg.block + (crate::session::ZERO_AHEAD_MAX + 1) * PAGE)
+            .map_err(|source| PagerError::Memory {
+                what: "zero block",
+                source,
+            })?;
         let (tx, rx) = unbounded::<FetchJob>();
         let pager = Arc::new(Pager {
             space: SlotSpace::new(nodes, cfg.slab),

@@ -114,6 +114,25 @@ fn zero_pages_read_as_zeros() {
     assert_all_released(&pager);
 }
 
+/// Fresh memory touched in address order is zero-filled ahead of the app
+/// while there is room under the limit: far fewer faults than pages, and
+/// every byte still verified by the workload.
+#[test]
+fn first_touch_in_address_order_is_filled_ahead_while_there_is_room() {
+    let node = memnode();
+    let pager = pager_for(&node, &[]);
+    let (_, s) = run_sampled(&pager, &pager.workload("seq", "4M"));
+    let t = totals(&pager);
+    let pages = (4 * MIB) as usize / 4096;
+    let zero = stat(&t, &["faults", "zero"]) as usize;
+    assert!(
+        zero > 0 && zero < pages / 8,
+        "{zero} zero faults for {pages} fresh pages touched in order: no fill ahead? {t:#}"
+    );
+    assert!(s.max_local <= LIMIT, "{s:?}");
+    assert_all_released(&pager);
+}
+
 /// 64 MiB written and verified twice sequentially through a 16 MiB limit:
 /// pages leave for the cache tier and the memory node and fault back in
 /// from both; the app stays within its limit throughout.
