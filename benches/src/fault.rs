@@ -177,6 +177,9 @@ struct BlockSummary {
     cache_pooled_p99_us: f64,
     remote_pooled_p50_us: f64,
     remote_pooled_p99_us: f64,
+    /// [quantile, µs] points of the pooled samples (for CDF plots).
+    cache_cdf_us: Vec<[f64; 2]>,
+    remote_cdf_us: Vec<[f64; 2]>,
     cache_samples: usize,
     remote_samples: usize,
     zero_samples: usize,
@@ -597,6 +600,8 @@ fn measure(
             cache_pooled_p99_us: cp99,
             remote_pooled_p50_us: rp50,
             remote_pooled_p99_us: rp99,
+            cache_cdf_us: cdf(&rig.cache_ns),
+            remote_cdf_us: cdf(&rig.remote_ns),
             cache_samples: rig.cache_ns.len(),
             remote_samples: rig.remote_ns.len(),
             zero_samples: sum(&|b| b.zero_samples as u64) as usize,
@@ -802,11 +807,28 @@ fn pct(ns: &[u64]) -> (f64, f64) {
     if ns.is_empty() {
         return (f64::NAN, f64::NAN);
     }
+    let h = histogram_of(ns);
+    (quantile_us(&h, 0.5), quantile_us(&h, 0.99))
+}
+
+fn histogram_of(ns: &[u64]) -> hdrhistogram::Histogram<u64> {
     let mut h = latency_histogram();
     for &n in ns {
         h.saturating_record(n.max(1));
     }
-    (quantile_us(&h, 0.5), quantile_us(&h, 0.99))
+    h
+}
+
+/// The distribution of pooled samples as [quantile, µs] points, for a CDF
+/// plot (empty without samples).
+fn cdf(ns: &[u64]) -> Vec<[f64; 2]> {
+    if ns.is_empty() {
+        return Vec::new();
+    }
+    let h = histogram_of(ns);
+    let mut qs: Vec<f64> = (1..100).map(|p| p as f64 / 100.0).collect();
+    qs.extend([0.995, 0.999]);
+    qs.into_iter().map(|q| [q, quantile_us(&h, q)]).collect()
 }
 
 /// Median of the finite values (NaN when none).
