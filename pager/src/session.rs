@@ -509,7 +509,15 @@ impl Session {
             // The agent only reads victims; one it faults on was zapped by
             // the app meanwhile, so its content is zeros. Never wait here:
             // the evictor is waiting for the agent.
-            if sys::uffd_zeropage(self.uffd(), f.page, PAGE) != Ok(Fill::Done) {
+            //
+            // Zeros go in write-protected, never as the shared zero page:
+            // the fill wakes every thread waiting on the page, and an app
+            // thread that reallocated it would write into the zero page by
+            // a plain copy-on-write the pager never sees; the agent's
+            // DONTNEED right after would then drop that write silently.
+            // Write-protected, the write faults to the pager and waits.
+            let (fill, _) = copy_run(self.uffd(), f.page, pager.zeros.as_ptr(), PAGE, true, true);
+            if fill != Fill::Done {
                 // EAGAIN while an event is pending: fault again after it.
                 self.wake(f.page, PAGE);
             }

@@ -84,24 +84,6 @@ pub fn uffd_copy(
     Ok((Fill::Done, done))
 }
 
-/// `UFFDIO_ZEROPAGE` over a range (used only for the agent's own faults).
-pub fn uffd_zeropage(uffd: RawFd, dst: u64, len: usize) -> Result<Fill, Errno> {
-    let mut arg = raw::uffdio_zeropage {
-        range: raw::uffdio_range {
-            start: dst,
-            len: len as u64,
-        },
-        mode: 0,
-        zeropage: 0,
-    };
-    // SAFETY: valid uffdio_zeropage argument living across the call.
-    let rc = unsafe { libc::ioctl(uffd, raw::UFFDIO_ZEROPAGE as _, &mut arg) };
-    if rc == 0 {
-        return Ok(Fill::Done);
-    }
-    classify(Errno::last())
-}
-
 /// Sets (`wp`) or clears write protection on a range; clearing wakes
 /// writers blocked on it.
 pub fn uffd_writeprotect(uffd: RawFd, start: u64, len: usize, wp: bool) -> Result<Fill, Errno> {

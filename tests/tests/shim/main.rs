@@ -180,6 +180,42 @@ fn numpy_matmul_and_reductions_match_a_plain_run() {
     assert_paged(&r, "numpy");
 }
 
+/// A k-means over 32 MiB of points (benches/jobs/kmeans.py): numpy frees
+/// and reallocates its 2–16 MiB temporaries every iteration while they are
+/// being evicted. It caught a lost write: the agent, reading a victim the
+/// app had just freed, had it filled with the shared zero page, which woke
+/// an app thread that wrote into it by a copy-on-write the pager never saw,
+/// and the agent's DONTNEED then dropped that write. The race is timing
+/// dependent (about one run in five over a veth pair before the fix), so
+/// the job runs several times.
+#[test]
+fn numpy_kmeans_with_churning_temporaries_matches_a_plain_run() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/jobs/kmeans.py");
+    let script = script.to_str().unwrap();
+    let env = [("OPENBLAS_NUM_THREADS", "2")];
+    let cmd = ["python3", script, "262144", "16", "8", "5"];
+    // The job prints its own time too: compare the digest lines.
+    let digest = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("digest="))
+            .map(str::to_owned)
+    };
+    let (st, plain, err) = run_cmd(Command::new(cmd[0]).args(&cmd[1..]).envs(env));
+    assert!(st.success(), "plain k-means failed: {err}");
+    let want = digest(&plain).expect("the job prints its digest");
+    for round in 0..3 {
+        // Footprint about 85 MiB: 64M is 75% of it.
+        let r = dmem_run("64M", &cmd, &env);
+        assert_eq!(r.code, 0, "k-means under dmem failed: {}", r.stderr);
+        assert_eq!(
+            digest(&r.stdout).as_deref(),
+            Some(want.as_str()),
+            "round {round}: k-means under dmem computed something else"
+        );
+        assert!(n(&r.stats, "/evictions") > 0, "no eviction: {}", r.stats);
+    }
+}
+
 const MP_JOB: &str = r#"
 import multiprocessing as mp, hashlib, sys
 import numpy as np
