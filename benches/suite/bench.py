@@ -116,6 +116,17 @@ class Machine:
         (cg / "memory.limit_in_bytes").write_text(str(limit))
         return cg
 
+    @staticmethod
+    def oom_kills(cg: Path) -> int:
+        """Processes of the group the OOM killer killed (cgroup v1)."""
+        try:
+            for line in (cg / "memory.oom_control").read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
     def drop_cgroup(self, cg: Path):
         for _ in range(50):
             try:
@@ -176,7 +187,7 @@ def workloads(quick: bool, work: Path):
     memtouch = work / "memtouch"
     sh("cc", "-O2", "-o", memtouch, SUITE / "memtouch.c")
     heap = 256 if quick else 2048
-    sort_mib = 48 if quick else 512
+    sort_mib = 16 if quick else 512
     sort_input = work / "sort-input.txt"
     rng = random.Random(2026)
     with open(sort_input, "w") as f:
@@ -232,9 +243,15 @@ def run_one(m: Machine, contender: str, cmd, limit: int, unmanaged: int, work: P
         proc.communicate()
         return None
     finally:
+        oom_kills = 0
         if cg:
+            oom_kills = m.oom_kills(cg)
             m.drop_cgroup(cg)
     if proc.returncode != 0:
+        if contender in KERNEL and (proc.returncode == -signal.SIGKILL or oom_kills):
+            # The cgroup's OOM killer: Linux could not run the job at this
+            # limit. A result for the table, not an error of the suite.
+            return "oom"
         raise RuntimeError(f"{contender}: {' '.join(full)} failed ({proc.returncode}): {err[-2000:]}")
     seconds, digest, rate = parse(out)
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
@@ -268,7 +285,7 @@ def measure(args, m: Machine, work: Path):
         unmanaged = max(rss - footprint, 32 * MIB)
         ref_digest = parse(plain_out)[1]
         log(f"{name}: footprint {footprint / MIB:.1f} MiB, unmanaged ~{unmanaged / MIB:.1f} MiB")
-        runs = {}
+        runs, fails = {}, {}
         for rnd in range(args.runs):
             plan = [("local", 100)] + [(c, f) for f in fractions for c in contenders if c != "local"]
             random.shuffle(plan)
@@ -276,9 +293,11 @@ def measure(args, m: Machine, work: Path):
                 limit = max(footprint * frac // 100, 4 * MIB)
                 res = run_one(m, contender, cmd, limit, unmanaged, work, args.timeout)
                 key = (contender, frac)
-                if res is None:
-                    log(f"{name}: {contender} at {frac}% timed out after {args.timeout} s")
+                if res is None or res == "oom":
+                    why = "killed by the OOM killer" if res else f"timed out after {args.timeout} s"
+                    log(f"{name}: {contender} at {frac}% {why}")
                     runs.setdefault(key, []).append(None)
+                    fails.setdefault(key, []).append("oom" if res else "timeout")
                     continue
                 seconds, digest, rate, stats = res
                 if digest != ref_digest:
@@ -286,16 +305,16 @@ def measure(args, m: Machine, work: Path):
                                        f"(digest {digest} vs {ref_digest})")
                 log(f"{name}: round {rnd + 1} {contender:9} {frac:3}%: {seconds:.2f} s")
                 runs.setdefault(key, []).append({"seconds": seconds, "rate": rate, "stats": stats})
-        results.append(summarize(name, footprint, unmanaged, fractions, contenders, runs))
+        results.append(summarize(name, footprint, unmanaged, fractions, contenders, runs, fails))
     return results
 
 
-def summarize(name, footprint, unmanaged, fractions, contenders, runs):
+def summarize(name, footprint, unmanaged, fractions, contenders, runs, fails):
     def spread(key):
         rs = runs.get(key, [])
         secs = [r["seconds"] for r in rs if r]
         if not secs or len(secs) < len(rs):
-            return {"median_s": None, "runs": secs, "timeouts": len(rs) - len(secs)}
+            return {"median_s": None, "runs": secs, "failed": fails.get(key, [])}
         return {"median_s": statistics.median(secs), "min_s": min(secs), "max_s": max(secs), "runs": secs}
 
     base = spread(("local", 100))
@@ -345,7 +364,7 @@ def markdown(report):
             for c in cont:
                 s = row["contenders"].get(c, {})
                 if s.get("median_s") is None:
-                    cells.append("timeout" if s.get("timeouts") else "–")
+                    cells.append("/".join(sorted(set(s.get("failed") or []))) or "–")
                 else:
                     cells.append(f"{s['median_s']:.2f} ({s.get('slowdown', float('nan')):.2f}×)")
             sp = [row.get(f"dmem_speedup_vs_{k}") for k in KERNEL]
@@ -423,10 +442,12 @@ def main():
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--only", default="", help="workloads by first word: scan,random,gemm,kmeans,sort")
     p.add_argument("--no-fault-latency", action="store_true")
-    p.add_argument("--timeout", type=int, default=900, help="seconds per run before it counts as a timeout")
+    p.add_argument("--timeout", type=int, help="seconds per run before it counts as a timeout "
+                   "(default 900, 120 with --quick)")
     p.add_argument("--out", default=str(ROOT / "bench-results" / "suite"))
     args = p.parse_args()
     args.runs = args.runs or (1 if args.quick else 3)
+    args.timeout = args.timeout or (120 if args.quick else 900)
     if os.geteuid() != 0:
         raise SystemExit("the suite sets up zram, swap, cgroups and namespaces: run it as root")
     if not CG_ROOT.exists():
