@@ -1,4 +1,4 @@
-"""GEMM job of `dmem-bench jobs`: C = A @ B on n x n float64 matrices.
+"""GEMM job of the benchmark suite (benches/suite/bench.py): C = A @ B on n x n float64 matrices.
 Prints the time of the job itself (allocation, fill and product, not the
 interpreter's start) and a digest of C, so runs can be compared bit for bit."""
 import hashlib

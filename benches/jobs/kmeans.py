@@ -1,4 +1,4 @@
-"""k-means job of `dmem-bench jobs` (Lloyd's iterations over a large array,
+"""k-means job of the benchmark suite (benches/suite/bench.py) (Lloyd's iterations over a large array,
 in the manner of the far-memory papers' Python k-means): `points` points of
 `dims` float64 coordinates, `k` clusters, fixed iterations. Prints the time of
 the job itself and a digest of the final centroids and labels."""

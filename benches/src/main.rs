@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 mod daemon;
 mod fault;
 mod fault_worker;
-mod jobs;
 mod memnode;
 mod stats;
 mod sys;
@@ -30,9 +29,6 @@ enum Cmd {
     /// memory node) and sequential scan throughput, against a bare uffd
     /// round trip and a bare TCP ping-pong measured in the same run.
     FaultLatency(fault::Args),
-    /// numpy GEMM and k-means under `dmem run` at 100/50/25% of their
-    /// footprint, against plain runs in the same sitting: slowdown ratios.
-    Jobs(jobs::Args),
     /// The app side of fault-latency (started by it; not for direct use).
     #[command(hide = true)]
     FaultWorker(fault_worker::Args),
@@ -44,7 +40,6 @@ fn main() -> ExitCode {
         Cmd::Memnode(a) => memnode::run(a),
         Cmd::FaultLatency(a) => fault::run(a),
         Cmd::FaultWorker(a) => fault_worker::run(a),
-        Cmd::Jobs(a) => jobs::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -346,15 +346,16 @@ fn evict(
     let mut i = 0;
     while i < entries.len() {
         let j = run_end(entries, i);
-        let moved = out.map_or(0, |o| o.take(entries, i, j));
-        for k in i..i + moved {
-            if entries[k].slot != NO_COPY {
-                if let Some(o) = out {
+        let mut moved = 0;
+        if let Some(o) = out {
+            moved = o.take(entries, i, j);
+            for k in i..i + moved {
+                if entries[k].slot != NO_COPY {
                     o.read(k, page);
+                    sys::mapping_write(staging, entries[k].slot as usize * PAGE, page);
                 }
-                sys::mapping_write(staging, entries[k].slot as usize * PAGE, page);
+                status[k] = EvictStatus::Moved;
             }
-            status[k] = EvictStatus::Moved;
         }
         let rest = i + moved..j;
         for k in rest.clone() {
