@@ -179,6 +179,23 @@ impl AppSession {
         }
     }
 
+    /// Registers `[start, start+len)` of the arena again, after the shim
+    /// put a fresh mapping there (a program's own mapping placed over
+    /// managed memory was unmapped): the kernel dropped the registration
+    /// with the old mapping. The pager knows these pages as zero already
+    /// (it saw the UNMAP event).
+    pub fn register_again(&self, start: u64, len: usize) -> Result<(), AppError> {
+        let _ = sys::no_huge_pages(start, len);
+        self.uffd
+            .register_with_mode(
+                start as *mut libc::c_void,
+                len,
+                RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
+            )
+            .map(|_| ())
+            .map_err(AppError::Uffd)
+    }
+
     /// Descriptors a forked child inherits and must close: the uffd copy
     /// and the agent channel (both belong to the parent's session).
     pub fn inherited_fds(&self) -> [RawFd; 2] {

@@ -147,22 +147,8 @@ impl Mapping {
     }
 
     fn map(len: usize, flags: i32, fd: RawFd) -> Result<Mapping, Errno> {
-        // SAFETY: a fresh mapping at a kernel-chosen address; no existing
-        // memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Errno::last());
-        }
-        let ptr = NonNull::new(p.cast()).ok_or(Errno::ENOMEM)?;
+        let p = mmap_raw(0, len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0)?;
+        let ptr = NonNull::new(p as *mut u8).ok_or(Errno::ENOMEM)?;
         Ok(Mapping { ptr, len })
     }
 
@@ -193,9 +179,42 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping this value owns; no references
-        // into it outlive `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        // Only this value refers to the mapping.
+        let _ = munmap_raw(self.addr(), self.len);
+    }
+}
+
+/// The mmap system call itself, not the libc symbol: inside a program
+/// running under libdmem.so, `mmap` is the shim's, which would put large
+/// anonymous mappings (the agent's buffers, say) into the managed arena.
+/// Only fresh mappings (`addr` 0) or ranges the caller owns may be passed.
+pub fn mmap_raw(
+    addr: u64,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: RawFd,
+    off: i64,
+) -> Result<u64, Errno> {
+    // SAFETY: the caller maps either at a kernel-chosen address or over a
+    // range it owns (MAP_FIXED), so no one else's memory changes.
+    let rc = unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) };
+    if rc == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(rc as u64)
+    }
+}
+
+/// The munmap system call (see `mmap_raw` for why not the libc symbol).
+/// The caller owns `[addr, addr+len)` and nothing refers to it any more.
+pub fn munmap_raw(addr: u64, len: usize) -> Result<(), Errno> {
+    // SAFETY: per the contract above, the range is the caller's to drop.
+    let rc = unsafe { libc::syscall(libc::SYS_munmap, addr, len) };
+    if rc == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(())
     }
 }
 

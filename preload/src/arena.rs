@@ -33,6 +33,18 @@ pub fn contains(p: *const c_void) -> bool {
     a >= BASE.load(Ordering::Acquire) && a < END.load(Ordering::Acquire)
 }
 
+/// The arena's bounds, once installed.
+pub fn bounds() -> Option<(u64, u64)> {
+    EXTENTS
+        .get()
+        .map(|_| (BASE.load(Ordering::Acquire), END.load(Ordering::Acquire)))
+}
+
+/// Whether `[start, start+len)` overlaps the arena.
+pub fn overlaps(start: u64, len: u64) -> bool {
+    bounds().is_some_and(|(b, e)| start < e && start.saturating_add(len) > b)
+}
+
 fn extents() -> &'static SpinLock<Extents> {
     EXTENTS.get().expect("arena used before install")
 }
@@ -74,14 +86,74 @@ pub fn free(p: *mut c_void) {
 /// is dropped first: until it is back in the lists nobody else can be
 /// handed it, so no one's data is ever zapped.
 fn release(start: u64, len: u64) {
+    zero(start, len);
+    if extents().lock().release(start, len).is_err() {
+        sys::die("dmem: freed managed memory that was not allocated (double free?)\n");
+    }
+}
+
+/// Makes `[start, start+len)` (allocated) read as zeros: the arena's own
+/// mapping goes back where the program had put one of its own, and the
+/// rest is dropped.
+pub fn zero(start: u64, len: u64) {
+    let foreign = extents().lock().take_foreign(start, len);
+    for (a, l) in foreign {
+        if let Err(e) = sys::map_anonymous_at(a, l) {
+            sys::die(&format!(
+                "dmem: cannot map managed memory back at {a:#x} (errno {e})\n"
+            ));
+        }
+        crate::start::register_again(a, l);
+    }
     if let Err(e) = sys::dontneed(start, len) {
         sys::die(&format!(
             "dmem: cannot drop freed managed memory at {start:#x} (errno {e})\n"
         ));
     }
-    if extents().lock().release(start, len).is_err() {
-        sys::die("dmem: freed managed memory that was not allocated (double free?)\n");
+}
+
+/// `munmap` of `[start, start+len)` inside the arena: its allocated parts
+/// are dropped and freed; parts already free are left alone, as the
+/// kernel leaves unmapped holes alone.
+pub fn unmap(start: u64, len: u64) {
+    let parts = extents().lock().allocated_parts(start, len);
+    for (a, l) in parts {
+        release(a, l);
     }
+}
+
+/// Frees the tail `[start, start+len)` of an allocation (a shrinking
+/// mremap).
+pub fn trim(start: u64, len: u64) {
+    if len > 0 {
+        release(start, len);
+    }
+}
+
+/// The program maps `[start, start+len)` itself (MAP_FIXED): its free
+/// pages become allocated. False when the range leaves the arena.
+pub fn claim(start: u64, len: u64) -> bool {
+    extents().lock().claim(start, len).is_ok()
+}
+
+/// Records a mapping of the program's own at `[start, start+len)`.
+pub fn mark_foreign(start: u64, len: u64) {
+    extents().lock().mark_foreign(start, len);
+}
+
+pub fn has_foreign(start: u64, len: u64) -> bool {
+    extents().lock().has_foreign(start, len)
+}
+
+/// The allocation holding the end of `[start, start+len)` when the whole
+/// range is allocated.
+pub fn allocated_span(start: u64, len: u64) -> Option<(u64, u64)> {
+    extents().lock().allocated_span(start, len)
+}
+
+/// Grows the allocation at `start` to `len` bytes in place, if it can.
+pub fn grow_in_place(start: u64, len: u64) -> bool {
+    extents().lock().grow_in_place(start, len)
 }
 
 /// Resizes the block at `p` (from the arena) to `size` bytes, in place

@@ -35,6 +35,9 @@ pub struct Config {
     pub inherit: bool,
     /// `DMEM_DISABLE=1`: do nothing at all (glibc's malloc serves everything).
     pub disable: bool,
+    /// Large anonymous `mmap`s come from the arena too (`DMEM_MMAP`,
+    /// default 1).
+    pub mmap: bool,
 }
 
 /// Default threshold: glibc's own mmap threshold. Blocks this large are the
@@ -89,6 +92,7 @@ impl Config {
             require: flag("DMEM_REQUIRE", false)?,
             inherit: flag("DMEM_INHERIT", true)?,
             disable: flag("DMEM_DISABLE", false)?,
+            mmap: flag("DMEM_MMAP", true)?,
         })
     }
 }

@@ -6,7 +6,10 @@
 //! (length, address) (best fit, lowest address first), so allocation and
 //! release are O(log n). Allocated ranges are kept by start address; a
 //! release may cover part of an allocation (`munmap` of part of a mapping),
-//! which splits it.
+//! which splits it. Ranges where the program placed a mapping of its own
+//! over managed memory (`mmap` with `MAP_FIXED` of a file, say) are kept
+//! as *foreign*: the arena's mapping must be put back there when the
+//! program lets go of them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,23 +22,31 @@ pub const GRANULE: u64 = 4096;
 pub enum ExtentError {
     #[error("range {0:#x}+{1:#x} is not inside an allocation")]
     NotAllocated(u64, u64),
+    #[error("range {0:#x}+{1:#x} is not inside the arena")]
+    OutsideArena(u64, u64),
 }
 
 pub struct Extents {
+    base: u64,
+    end: u64,
     free_by_addr: BTreeMap<u64, u64>,
     free_by_len: BTreeSet<(u64, u64)>,
     used: BTreeMap<u64, u64>,
     used_bytes: u64,
+    foreign: BTreeMap<u64, u64>,
 }
 
 impl Extents {
     /// All of `[base, base+len)` free. Both must be page multiples.
     pub fn new(base: u64, len: u64) -> Extents {
         let mut e = Extents {
+            base,
+            end: base + len,
             free_by_addr: BTreeMap::new(),
             free_by_len: BTreeSet::new(),
             used: BTreeMap::new(),
             used_bytes: 0,
+            foreign: BTreeMap::new(),
         };
         if len > 0 {
             e.insert_free(base, len);
@@ -111,17 +122,9 @@ impl Extents {
     /// inside allocations; allocations it cuts are split. A range that is
     /// not wholly allocated is refused and changes nothing.
     pub fn release(&mut self, start: u64, len: u64) -> Result<(), ExtentError> {
-        let lo = start & !(GRANULE - 1);
-        let hi = round_up(start + len.max(1), GRANULE);
+        let (lo, hi) = page_span(start, len);
         // Check coverage first so a bad call changes nothing.
-        let mut sorted: Vec<(u64, u64)> = self
-            .used
-            .range(..hi)
-            .rev()
-            .take_while(|(&a, &l)| a + l > lo)
-            .map(|(&a, &l)| (a, l))
-            .collect();
-        sorted.reverse();
+        let sorted = overlapping(&self.used, lo, hi);
         let mut at = lo;
         for &(a, l) in &sorted {
             if a > at {
@@ -147,6 +150,78 @@ impl Extents {
             self.free_merged(cut_lo, cut_hi - cut_lo);
         }
         Ok(())
+    }
+
+    /// The allocated parts of `[start, start+len)` (rounded out to pages),
+    /// clipped to it, in address order.
+    pub fn allocated_parts(&self, start: u64, len: u64) -> Vec<(u64, u64)> {
+        let (lo, hi) = page_span(start, len);
+        clip(overlapping(&self.used, lo, hi), lo, hi)
+    }
+
+    /// The allocation holding the last page of `[start, start+len)` when
+    /// the whole range is allocated (an mremap source), else None.
+    pub fn allocated_span(&self, start: u64, len: u64) -> Option<(u64, u64)> {
+        let (lo, hi) = page_span(start, len);
+        let parts = self.allocated_parts(lo, hi - lo);
+        let covered: u64 = parts.iter().map(|&(_, l)| l).sum();
+        if covered != hi - lo {
+            return None;
+        }
+        self.used.range(..hi).next_back().map(|(&a, &l)| (a, l))
+    }
+
+    /// Makes every free page of `[start, start+len)` allocated (the program
+    /// placed a mapping at that address itself), each free stretch an
+    /// allocation of its own.
+    pub fn claim(&mut self, start: u64, len: u64) -> Result<(), ExtentError> {
+        let (lo, hi) = page_span(start, len);
+        if lo < self.base || hi > self.end {
+            return Err(ExtentError::OutsideArena(start, len));
+        }
+        for (fs, fl) in overlapping(&self.free_by_addr, lo, hi) {
+            self.remove_free(fs, fl);
+            let (a, b) = (fs.max(lo), (fs + fl).min(hi));
+            if fs < a {
+                self.insert_free(fs, a - fs);
+            }
+            if b < fs + fl {
+                self.insert_free(b, fs + fl - b);
+            }
+            self.used.insert(a, b - a);
+            self.used_bytes += b - a;
+        }
+        Ok(())
+    }
+
+    /// Records that `[start, start+len)` holds a mapping of the program's.
+    pub fn mark_foreign(&mut self, start: u64, len: u64) {
+        let (lo, hi) = page_span(start, len);
+        self.take_foreign(lo, hi - lo);
+        self.foreign.insert(lo, hi - lo);
+    }
+
+    /// Whether any of `[start, start+len)` holds a mapping of the program's.
+    pub fn has_foreign(&self, start: u64, len: u64) -> bool {
+        let (lo, hi) = page_span(start, len);
+        !overlapping(&self.foreign, lo, hi).is_empty()
+    }
+
+    /// Forgets and returns the foreign parts of `[start, start+len)`
+    /// (clipped to it); the caller maps the arena there again.
+    pub fn take_foreign(&mut self, start: u64, len: u64) -> Vec<(u64, u64)> {
+        let (lo, hi) = page_span(start, len);
+        let hits = overlapping(&self.foreign, lo, hi);
+        for &(a, l) in &hits {
+            self.foreign.remove(&a);
+            if a < lo {
+                self.foreign.insert(a, lo - a);
+            }
+            if a + l > hi {
+                self.foreign.insert(hi, a + l - hi);
+            }
+        }
+        clip(hits, lo, hi)
     }
 
     fn free_merged(&mut self, mut start: u64, mut len: u64) {
@@ -177,6 +252,36 @@ impl Extents {
 
 pub fn round_up(v: u64, to: u64) -> u64 {
     v.div_ceil(to) * to
+}
+
+/// `[start, start+len)` rounded out to whole pages, as (lo, hi).
+fn page_span(start: u64, len: u64) -> (u64, u64) {
+    (
+        start & !(GRANULE - 1),
+        round_up(start + len.max(1), GRANULE),
+    )
+}
+
+/// Entries of a start → length map that overlap `[lo, hi)`, in order.
+fn overlapping(map: &BTreeMap<u64, u64>, lo: u64, hi: u64) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = map
+        .range(..hi)
+        .rev()
+        .take_while(|(&a, &l)| a + l > lo)
+        .map(|(&a, &l)| (a, l))
+        .collect();
+    v.reverse();
+    v
+}
+
+fn clip(parts: Vec<(u64, u64)>, lo: u64, hi: u64) -> Vec<(u64, u64)> {
+    parts
+        .into_iter()
+        .map(|(a, l)| {
+            let (s, e) = (a.max(lo), (a + l).min(hi));
+            (s, e - s)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -225,6 +330,52 @@ mod tests {
         assert_eq!(e.used_bytes(), 6 * GRANULE);
         // A release spanning two allocations and the freed gap is refused.
         assert!(e.release(a, 8 * GRANULE).is_err());
+    }
+
+    #[test]
+    fn claim_takes_only_the_free_pages_and_refuses_outside() {
+        let mut e = Extents::new(B, 16 * GRANULE);
+        let a = e.alloc(2 * GRANULE, 16).unwrap();
+        e.claim(a + GRANULE, 4 * GRANULE).unwrap();
+        assert_eq!(e.len_at(a), Some(2 * GRANULE));
+        assert_eq!(e.len_at(a + 2 * GRANULE), Some(3 * GRANULE));
+        assert_eq!(e.used_bytes(), 5 * GRANULE);
+        assert_eq!(
+            e.allocated_parts(a + GRANULE, 10 * GRANULE),
+            vec![(a + GRANULE, GRANULE), (a + 2 * GRANULE, 3 * GRANULE)]
+        );
+        assert_eq!(
+            e.allocated_span(a, 5 * GRANULE),
+            Some((a + 2 * GRANULE, 3 * GRANULE))
+        );
+        assert_eq!(e.allocated_span(a, 6 * GRANULE), None);
+        assert!(e.claim(B + 15 * GRANULE, 2 * GRANULE).is_err());
+        assert!(e.claim(B - GRANULE, GRANULE).is_err());
+        // What is left is still allocatable, and claimed pages are not.
+        let b = e.alloc(GRANULE, 16).unwrap();
+        assert_eq!(b, a + 5 * GRANULE);
+    }
+
+    #[test]
+    fn foreign_ranges_are_split_and_taken_back() {
+        let mut e = Extents::new(B, 64 * GRANULE);
+        e.mark_foreign(B + 4 * GRANULE, 8 * GRANULE);
+        assert!(e.has_foreign(B, 5 * GRANULE));
+        assert!(!e.has_foreign(B, 4 * GRANULE));
+        let got = e.take_foreign(B + 6 * GRANULE, 2 * GRANULE);
+        assert_eq!(got, vec![(B + 6 * GRANULE, 2 * GRANULE)]);
+        assert!(e.has_foreign(B + 5 * GRANULE, GRANULE));
+        assert!(!e.has_foreign(B + 6 * GRANULE, 2 * GRANULE));
+        assert!(e.has_foreign(B + 8 * GRANULE, GRANULE));
+        let rest = e.take_foreign(B, 64 * GRANULE);
+        assert_eq!(
+            rest,
+            vec![
+                (B + 4 * GRANULE, 2 * GRANULE),
+                (B + 8 * GRANULE, 4 * GRANULE)
+            ]
+        );
+        assert!(!e.has_foreign(B, 64 * GRANULE));
     }
 
     #[test]

@@ -68,6 +68,11 @@ extern "C" fn child() {
     }
 }
 
+/// This process is a forked child whose managed memory is plain memory.
+pub fn detached() -> bool {
+    DETACHED.load(Ordering::Acquire)
+}
+
 pub fn install() {
     // SAFETY: the three handlers are plain extern "C" functions that live
     // for the life of the process.

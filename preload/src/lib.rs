@@ -5,7 +5,8 @@
 //! userfaultfd and hands that to the pager (`dmem_pager::app`, which also
 //! runs the agent thread that carries out evictions). From then on the
 //! malloc family (`malloc`) serves blocks of at least `DMEM_MIN_ALLOC` from
-//! the arena (`arena`, bookkeeping in `extents`) and the rest from glibc.
+//! the arena (`arena`, bookkeeping in `extents`) and the rest from glibc;
+//! anonymous mappings of that size come from the arena too (`mapping`).
 //! `fork` keeps fork()'s copy-on-write meaning for managed memory.
 //!
 //! The shim's own Rust code allocates from glibc directly (`rust_alloc`):
@@ -20,6 +21,7 @@ mod extents;
 mod fork;
 mod lock;
 mod malloc;
+mod mapping;
 mod rust_alloc;
 mod start;
 mod sys;

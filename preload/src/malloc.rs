@@ -22,7 +22,7 @@ pub fn enable(min: usize) {
     MIN_ALLOC.store(min, Ordering::Release);
 }
 
-fn min_alloc() -> usize {
+pub fn min_alloc() -> usize {
     MIN_ALLOC.load(Ordering::Relaxed)
 }
 

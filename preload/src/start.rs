@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use dmem_pager::app::{AppConfig, AppSession};
 
 use crate::config::Config;
-use crate::{arena, fork, malloc};
+use crate::{arena, fork, malloc, mapping};
 
 /// The live session (its uffd copy and agent stay for the process's life).
 pub static SESSION: OnceLock<AppSession> = OnceLock::new();
@@ -37,6 +37,7 @@ pub fn start() {
         Ok(app) => {
             arena::install(app.arena_ptr() as u64, app.arena_len() as u64);
             malloc::enable(cfg.min_alloc);
+            mapping::enable(cfg.mmap);
             let _ = SESSION.set(app);
             fork::install();
         }
@@ -65,4 +66,31 @@ fn drop_preload_for_children() {
     } else {
         std::env::set_var("LD_PRELOAD", kept.join(":"));
     }
+}
+
+/// Registers a range of the arena with the pager's userfaultfd again
+/// (see `arena::zero`). A forked child runs its arena unmanaged and has
+/// nothing to register; a failure leaves the range as plain memory, which
+/// is correct, only unmanaged.
+pub fn register_again(start: u64, len: u64) {
+    if fork::detached() {
+        return;
+    }
+    if let Some(s) = SESSION.get() {
+        if let Err(e) = s.register_again(start, len as usize) {
+            crate::sys::write_stderr(&format!(
+                "dmem: cannot manage {len} bytes at {start:#x} again ({e}); they stay unmanaged\n"
+            ));
+        }
+    }
+}
+
+/// Stops the pager from evicting this process's pages while the returned
+/// connection is open (None when detached or unattached). An eviction in
+/// flight has finished when this returns.
+pub fn hold_evictions() -> Option<std::os::fd::OwnedFd> {
+    if fork::detached() {
+        return None;
+    }
+    SESSION.get().and_then(|s| s.hold().ok()).map(|(fd, _)| fd)
 }

@@ -1,6 +1,7 @@
 //! OS and libc calls of the shim: glibc's own allocator entry points (the
-//! shim's fallback and the allocator of its Rust code), `madvise`, and the
-//! errno helpers the malloc family needs.
+//! shim's fallback and the allocator of its Rust code), the mmap family as
+//! system calls (the symbols are the shim's own), `madvise`, and the errno
+//! helpers the malloc family needs.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicPtr, Ordering};
@@ -78,6 +79,48 @@ pub fn dontneed(addr: u64, len: u64) -> Result<(), i32> {
     } else {
         Err(errno())
     }
+}
+
+/// The mmap system call (the `mmap` symbol is the shim's own): a result
+/// or the errno.
+pub fn mmap(addr: u64, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> Result<u64, i32> {
+    dmem_pager::sys::mmap_raw(addr, len, prot, flags, fd, off).map_err(|e| e as i32)
+}
+
+pub fn munmap(addr: u64, len: usize) -> Result<(), i32> {
+    dmem_pager::sys::munmap_raw(addr, len).map_err(|e| e as i32)
+}
+
+/// The mremap system call; `new_addr` only counts with MREMAP_FIXED.
+pub fn mremap(
+    old: u64,
+    old_len: usize,
+    new_len: usize,
+    flags: i32,
+    new_addr: u64,
+) -> Result<u64, i32> {
+    // SAFETY: the program's own request, passed on unchanged (the shim
+    // calls this only for ranges outside its arena).
+    let rc = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) };
+    if rc == -1 {
+        Err(errno())
+    } else {
+        Ok(rc as u64)
+    }
+}
+
+/// Puts fresh private anonymous memory at `[addr, addr+len)`, replacing
+/// what is there (a range of the arena that the program had mapped over).
+pub fn map_anonymous_at(addr: u64, len: u64) -> Result<(), i32> {
+    mmap(
+        addr,
+        len as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+        -1,
+        0,
+    )
+    .map(|_| ())
 }
 
 fn errno_slot() -> *mut i32 {

@@ -173,6 +173,77 @@ static void forked(size_t mib) {
     free(a);
 }
 
+/* The mmap family on a large anonymous mapping (managed under dmem): data
+ * survives eviction, munmap then MAP_FIXED and MAP_FIXED over live data
+ * give zeros, a file mapped over part of it reads the file, and mremap
+ * growth, shrinking and MREMAP_FIXED keep the data. */
+static void mapped(size_t mib) {
+    const int rw = PROT_READ | PROT_WRITE, anon = MAP_PRIVATE | MAP_ANONYMOUS;
+    size_t len = mib << 20, n = len / 8, mw = (1 << 20) / 8;
+    uint64_t *a = mmap(0, len, rw, anon, -1, 0);
+    CHECK(a != MAP_FAILED);
+    if (a == MAP_FAILED) return;
+    for (size_t i = 0; i < n; i += 512) CHECK(a[i] == 0);
+    for (size_t i = 0; i < n; i++) a[i] = val(i, 1);
+    for (size_t i = 0; i < n; i++) if (a[i] != val(i, 1)) bad++;
+
+    /* A 1 MiB hole unmapped and mapped again reads zeros. */
+    size_t h = (n / 2) & ~(mw - 1);
+    CHECK(munmap(a + h, 1 << 20) == 0);
+    uint64_t *r = mmap(a + h, 1 << 20, rw, anon | MAP_FIXED, -1, 0);
+    CHECK(r == a + h);
+    for (size_t j = 0; j < mw; j++) { CHECK(r[j] == 0); r[j] = val(h + j, 1); }
+
+    /* MAP_FIXED anonymous over live data: zeros. */
+    size_t h2 = (n / 4) & ~(mw - 1);
+    r = mmap(a + h2, 64 << 10, rw, anon | MAP_FIXED, -1, 0);
+    CHECK(r == a + h2);
+    for (size_t j = 0; j < (64 << 10) / 8; j++) { CHECK(r[j] == 0); r[j] = val(h2 + j, 1); }
+
+    /* A file mapped over 1 MiB of it reads the file; unmapped and mapped
+     * anonymous again, zeros. */
+    char path[] = "/tmp/dmem-heap-map-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    unlink(path);
+    uint64_t *filebuf = malloc(1 << 20);
+    for (size_t j = 0; j < mw; j++) filebuf[j] = val(j, 9);
+    CHECK(write(fd, filebuf, 1 << 20) == 1 << 20);
+    size_t h3 = (3 * n / 4) & ~(mw - 1);
+    r = mmap(a + h3, 1 << 20, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
+    CHECK(r == a + h3);
+    for (size_t j = 0; j < mw; j++) CHECK(r[j] == val(j, 9));
+    CHECK(munmap(r, 1 << 20) == 0);
+    r = mmap(a + h3, 1 << 20, rw, anon | MAP_FIXED, -1, 0);
+    CHECK(r == a + h3);
+    for (size_t j = 0; j < mw; j++) { CHECK(r[j] == 0); r[j] = val(h3 + j, 1); }
+    close(fd);
+    free(filebuf);
+    for (size_t i = 0; i < n; i++) if (a[i] != val(i, 1)) bad++;
+
+    /* mremap: grow (data kept, new tail zeros), shrink in place, and move
+     * to a fixed address. */
+    a = mremap(a, len, 2 * len, MREMAP_MAYMOVE);
+    CHECK(a != MAP_FAILED);
+    if (a == MAP_FAILED) return;
+    for (size_t i = 0; i < n; i++) if (a[i] != val(i, 1)) bad++;
+    for (size_t i = n; i < 2 * n; i += 512) CHECK(a[i] == 0);
+    for (size_t i = n; i < 2 * n; i++) a[i] = val(i, 2);
+    uint64_t *s = mremap(a, 2 * len, len + (1 << 20), 0);
+    CHECK(s == a);
+    size_t m = n + mw;
+    for (size_t i = 0; i < m; i++) if (a[i] != val(i, i < n ? 1 : 2)) bad++;
+    uint64_t *t = mmap(0, len + (1 << 20), PROT_NONE, anon, -1, 0);
+    CHECK(t != MAP_FAILED);
+    s = mremap(a, len + (1 << 20), len + (1 << 20), MREMAP_MAYMOVE | MREMAP_FIXED, t);
+    CHECK(s == t);
+    for (size_t i = 0; i < m; i++) {
+        if (s[i] != val(i, i < n ? 1 : 2)) bad++;
+        if (i % 509 == 0) mix(s[i]);
+    }
+    CHECK(munmap(s, len + (1 << 20)) == 0);
+}
+
 /* Touches memory forever (until killed), for the pager-death test. */
 static void forever(size_t mib) {
     size_t n = (mib << 20) / 8;
@@ -194,6 +265,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(m, "threads")) threads(mib);
     else if (!strcmp(m, "syscalls")) syscalls(mib);
     else if (!strcmp(m, "fork")) forked(mib);
+    else if (!strcmp(m, "mmap")) mapped(mib);
     else if (!strcmp(m, "forever")) forever(mib);
     else { fprintf(stderr, "unknown mode %s\n", m); return 2; }
     printf("%s digest=%016llx bad=%zu\n", m, (unsigned long long)digest, bad);

@@ -173,6 +173,14 @@ print(repr(float(np.linalg.norm(b, axis=0).max())))
 "#;
 
 #[test]
+fn c_mmap_munmap_mremap_of_large_anonymous_mappings() {
+    // Without mmap interposition nothing of this program is managed and
+    // nothing pages, so `assert_paged` fails.
+    let r = heap_mode("mmap", 64);
+    assert_paged(&r, "mmap");
+}
+
+#[test]
 fn numpy_matmul_and_reductions_match_a_plain_run() {
     // 1280^2 doubles = 12.5 MiB per array; a, b, c and the sort: 50 MiB.
     let env = [("OPENBLAS_NUM_THREADS", "2")];
@@ -242,9 +250,21 @@ fn python_multiprocessing_fork_reads_the_parents_arrays() {
 }
 
 #[test]
-fn python_many_small_objects_stay_unmanaged_and_run() {
+fn python_many_small_objects_run_managed_and_unmanaged() {
     let code = "d = {i: str(i) * 3 for i in range(300000)}\nprint(sum(len(v) for v in d.values()))";
-    python_job("small-objects", code, &[], "64M", &[]);
+    // CPython keeps small objects in 1 MiB arenas it maps with mmap:
+    // managed, and paged at this limit.
+    let r = python_job("small-objects", code, &[], "8M", &[]);
+    assert_paged(&r, "small objects in CPython's arenas");
+    // With glibc's malloc under every object they are all small blocks
+    // (the unmanaged path).
+    python_job(
+        "small-objects-malloc",
+        code,
+        &[],
+        "8M",
+        &[("PYTHONMALLOC", "malloc")],
+    );
 }
 
 #[test]
