@@ -27,8 +27,9 @@ use tracing::{debug, info, warn};
 use crate::auth::{client_proof, random_secret, secrets_equal, server_proof};
 use crate::lock;
 use crate::protocol::{
-    decode_reply, encode_request, ErrorCode, Extent, Header, Op, ProtoError, Reply, Request,
-    Secret, StatReply, Welcome, HEADER_LEN, REPLY_BIT, VERSION_MAX, VERSION_MIN,
+    decode_reply, encode_request, ErrorCode, Extent, Header, Op, ProtoError, RdmaEndpoint,
+    RdmaRegion, Reply, Request, Secret, StatReply, Welcome, HEADER_LEN, REPLY_BIT, VERSION_MAX,
+    VERSION_MIN,
 };
 
 /// Pause after the first failed reconnect attempt; it doubles up to 500 ms.
@@ -445,15 +446,45 @@ impl Client {
     }
 
     pub fn stat(&self) -> Result<StatReply, ClientError> {
-        let mut p = self.submit(&Request::Stat)?;
+        self.ask(&Request::Stat, |r| match r {
+            Reply::Stat(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// Asks the node to connect a queue pair to ours (`mine`); returns the
+    /// node's, ready for one-sided operations. Refused with `NoRdma` where
+    /// the node offers none.
+    pub fn rdma_connect(&self, mine: RdmaEndpoint) -> Result<RdmaEndpoint, ClientError> {
+        self.ask(&Request::RdmaConnect(mine), |r| match r {
+            Reply::RdmaAccept(e) => Some(e),
+            _ => None,
+        })
+    }
+
+    /// Where leased slab `slab` is for RDMA (the node registers it).
+    pub fn rdma_slab(&self, slab: u32) -> Result<RdmaRegion, ClientError> {
+        self.ask(&Request::RdmaSlab { slab }, |r| match r {
+            Reply::RdmaSlab(g) => Some(g),
+            _ => None,
+        })
+    }
+
+    /// Sends `req` and picks the expected reply out of the answer.
+    fn ask<T>(
+        &self,
+        req: &Request<'_>,
+        pick: impl FnOnce(Reply<'_>) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let mut p = self.submit(req)?;
         let raw = p.wait_raw(&mut [])?;
-        match decode_reply(raw.op, &raw.payload) {
-            Ok(Reply::Stat(s)) => Ok(s),
-            _ => Err(ClientError::UnexpectedReply {
+        decode_reply(raw.op, &raw.payload)
+            .ok()
+            .and_then(pick)
+            .ok_or_else(|| ClientError::UnexpectedReply {
                 addr: self.shared.cfg.addr.clone(),
-                op: "stat",
-            }),
-        }
+                op: req.op().name(),
+            })
     }
 
     /// Echo round trip through the node's request path.

@@ -5,12 +5,15 @@ pub mod auth;
 pub mod client;
 pub mod metrics;
 pub mod protocol;
+pub mod rdma;
 pub mod server;
 pub mod shutdown;
 pub mod size;
 pub mod store;
 pub mod sys;
 mod uring;
+#[cfg(feature = "rdma")]
+pub mod verbs;
 
 use std::sync::{Mutex, MutexGuard};
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use dmem_memnode::auth::load_token;
 use dmem_memnode::metrics::serve_http;
+use dmem_memnode::rdma::{DeviceArgs, RdmaMode};
 use dmem_memnode::server::{IoMode, Server, ServerConfig};
 use dmem_memnode::shutdown;
 use dmem_memnode::size::{format_size, parse_size};
@@ -47,6 +48,12 @@ struct Args {
     /// calls, or a thread per connection driving an io_uring.
     #[arg(long, value_enum, default_value_t = Io::Threads)]
     io: Io,
+    /// Offer one-sided RDMA to pagers: when a device exists (auto), always
+    /// (on: fail to start without one), or never (off).
+    #[arg(long, value_enum, default_value_t = RdmaMode::Auto)]
+    rdma: RdmaMode,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -89,6 +96,8 @@ fn run(args: Args) -> Result<(), String> {
         Io::Threads => IoMode::Threads,
         Io::Uring => IoMode::Uring,
     };
+    cfg.rdma = args.rdma;
+    cfg.rdma_device = args.device.config();
     if args.capacity == 0 {
         return Err("--capacity must be greater than zero".into());
     }
@@ -118,6 +127,10 @@ fn run(args: Args) -> Result<(), String> {
         "listening on {addr}, capacity {}",
         format_size(args.capacity)
     );
+    match server.state().rdma.status() {
+        Ok(dev) => info!("RDMA offered on device {dev}"),
+        Err(why) => info!("TCP only: {why}"),
+    }
     // Tests and scripts read this line to learn the port chosen for port 0.
     println!("dmem-memnode listening on {addr}");
 

@@ -76,10 +76,12 @@ pub enum Op {
     Write = 0x21,
     Stat = 0x30,
     Ping = 0x31,
+    RdmaConnect = 0x40,
+    RdmaSlab = 0x41,
 }
 
 impl Op {
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 11] = [
         Op::Hello,
         Op::Auth,
         Op::CloseSession,
@@ -89,6 +91,8 @@ impl Op {
         Op::Write,
         Op::Stat,
         Op::Ping,
+        Op::RdmaConnect,
+        Op::RdmaSlab,
     ];
 
     pub fn from_u8(v: u8) -> Option<Op> {
@@ -106,6 +110,8 @@ impl Op {
             Op::Write => "write",
             Op::Stat => "stat",
             Op::Ping => "ping",
+            Op::RdmaConnect => "rdma_connect",
+            Op::RdmaSlab => "rdma_slab",
         }
     }
 }
@@ -132,10 +138,13 @@ pub enum ErrorCode {
     NotLoopback = 13,
     Busy = 14,
     Internal = 15,
+    /// The node offers no RDMA (built without it, no device, or turned
+    /// off): the client uses TCP.
+    NoRdma = 16,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownOp,
         ErrorCode::TooLarge,
@@ -151,6 +160,7 @@ impl ErrorCode {
         ErrorCode::NotLoopback,
         ErrorCode::Busy,
         ErrorCode::Internal,
+        ErrorCode::NoRdma,
     ];
 
     pub fn from_u16(v: u16) -> Option<ErrorCode> {
@@ -175,6 +185,7 @@ impl ErrorCode {
             ErrorCode::NotLoopback => "not_loopback",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
+            ErrorCode::NoRdma => "no_rdma",
         }
     }
 
@@ -267,6 +278,33 @@ impl Extent {
     }
 }
 
+/// What a peer needs to connect an RDMA reliable-connection queue pair
+/// to ours: exchanged over the TCP control connection (RDMA_CONNECT and
+/// its reply), so no connection manager is needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RdmaEndpoint {
+    /// Queue pair number.
+    pub qpn: u32,
+    /// First packet sequence number.
+    pub psn: u32,
+    /// Port LID (InfiniBand; 0 on RoCE).
+    pub lid: u16,
+    /// Port GID at the configured index (RoCE; zeros on InfiniBand).
+    pub gid: [u8; 16],
+    /// Active path MTU, as the verbs enum (1 = 256 .. 5 = 4096).
+    pub mtu: u8,
+}
+
+/// Where a slab is for one-sided RDMA: its memory region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RdmaRegion {
+    pub addr: u64,
+    pub rkey: u32,
+    pub len: u64,
+}
+
+const ENDPOINT_LEN: usize = 27;
+
 /// A decoded request. WRITE data borrows from the frame buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request<'a> {
@@ -298,6 +336,12 @@ pub enum Request<'a> {
     Ping {
         payload: &'a [u8],
     },
+    /// Connect a queue pair to the client's (which it describes).
+    RdmaConnect(RdmaEndpoint),
+    /// Register slab `slab` for RDMA and say where it is.
+    RdmaSlab {
+        slab: u32,
+    },
 }
 
 impl Request<'_> {
@@ -312,6 +356,8 @@ impl Request<'_> {
             Request::Write { .. } => Op::Write,
             Request::Stat => Op::Stat,
             Request::Ping { .. } => Op::Ping,
+            Request::RdmaConnect(_) => Op::RdmaConnect,
+            Request::RdmaSlab { .. } => Op::RdmaSlab,
         }
     }
 }
@@ -349,6 +395,9 @@ pub enum Reply<'a> {
     Data(&'a [u8]),
     Stat(StatReply),
     Pong(&'a [u8]),
+    /// The node's queue pair, connected to the client's and ready.
+    RdmaAccept(RdmaEndpoint),
+    RdmaSlab(RdmaRegion),
     Error {
         code: u16,
         message: String,
@@ -413,6 +462,20 @@ impl<'a> Cursor<'a> {
             1 => Ok(true),
             _ => Err(ProtoError::Invalid("boolean flag")),
         }
+    }
+
+    fn endpoint(&mut self) -> Result<RdmaEndpoint, ProtoError> {
+        let e = RdmaEndpoint {
+            qpn: self.u32()?,
+            psn: self.u32()?,
+            lid: self.u16()?,
+            gid: self.take(16)?.try_into().expect("16 bytes"),
+            mtu: self.u8()?,
+        };
+        if !(1..=5).contains(&e.mtu) {
+            return Err(ProtoError::Invalid("RDMA path MTU"));
+        }
+        Ok(e)
     }
 
     fn rest(&mut self) -> &'a [u8] {
@@ -513,9 +576,21 @@ pub fn decode_request(op: u8, payload: &[u8]) -> Result<Request<'_>, ProtoError>
         }
         Op::Stat => Request::Stat,
         Op::Ping => Request::Ping { payload: c.rest() },
+        Op::RdmaConnect => Request::RdmaConnect(c.endpoint()?),
+        Op::RdmaSlab => Request::RdmaSlab { slab: c.u32()? },
     };
     c.finish()?;
     Ok(req)
+}
+
+fn push_endpoint(out: &mut Vec<u8>, e: &RdmaEndpoint) {
+    let at = out.len();
+    out.extend_from_slice(&e.qpn.to_le_bytes());
+    out.extend_from_slice(&e.psn.to_le_bytes());
+    out.extend_from_slice(&e.lid.to_le_bytes());
+    out.extend_from_slice(&e.gid);
+    out.push(e.mtu);
+    debug_assert_eq!(out.len() - at, ENDPOINT_LEN);
 }
 
 fn push_extents(out: &mut Vec<u8>, extents: &[Extent]) {
@@ -577,6 +652,8 @@ pub fn encode_request(out: &mut Vec<u8>, req_id: u64, req: &Request<'_>) {
             out.extend_from_slice(data);
         }
         Request::Ping { payload } => out.extend_from_slice(payload),
+        Request::RdmaConnect(e) => push_endpoint(out, e),
+        Request::RdmaSlab { slab } => out.extend_from_slice(&slab.to_le_bytes()),
     }
     end_frame(out, at);
 }
@@ -591,6 +668,8 @@ pub fn encode_reply(out: &mut Vec<u8>, req_id: u64, reply: &Reply<'_>) {
         Reply::Data(_) => Op::Read as u8 | REPLY_BIT,
         Reply::Stat(_) => Op::Stat as u8 | REPLY_BIT,
         Reply::Pong(_) => Op::Ping as u8 | REPLY_BIT,
+        Reply::RdmaAccept(_) => Op::RdmaConnect as u8 | REPLY_BIT,
+        Reply::RdmaSlab(_) => Op::RdmaSlab as u8 | REPLY_BIT,
         Reply::Error { .. } => OP_ERROR,
     };
     let at = begin_frame(out, op, req_id);
@@ -619,6 +698,12 @@ pub fn encode_reply(out: &mut Vec<u8>, req_id: u64, reply: &Reply<'_>) {
             out.extend_from_slice(&s.used.to_le_bytes());
             out.extend_from_slice(&s.session_slabs.to_le_bytes());
             out.extend_from_slice(&s.session_bytes.to_le_bytes());
+        }
+        Reply::RdmaAccept(e) => push_endpoint(out, e),
+        Reply::RdmaSlab(r) => {
+            out.extend_from_slice(&r.addr.to_le_bytes());
+            out.extend_from_slice(&r.rkey.to_le_bytes());
+            out.extend_from_slice(&r.len.to_le_bytes());
         }
         Reply::Error { code, message } => {
             let msg = truncate_utf8(message, MAX_ERROR_MSG);
@@ -678,6 +763,12 @@ pub fn decode_reply(op: u8, payload: &[u8]) -> Result<Reply<'_>, ProtoError> {
             session_slabs: c.u32()?,
             session_bytes: c.u64()?,
         }),
+        Op::RdmaConnect => Reply::RdmaAccept(c.endpoint()?),
+        Op::RdmaSlab => Reply::RdmaSlab(RdmaRegion {
+            addr: c.u64()?,
+            rkey: c.u32()?,
+            len: c.u64()?,
+        }),
         Op::CloseSession | Op::Alloc | Op::Free | Op::Write => Reply::Done(req_op),
     };
     c.finish()?;
@@ -734,6 +825,16 @@ mod tests {
             roundtrip_request(&Request::Auth { mac: a, resume: Some((id, b)) });
             roundtrip_request(&Request::Stat);
             roundtrip_request(&Request::CloseSession);
+            roundtrip_request(&Request::RdmaSlab { slab });
+        }
+
+        #[test]
+        fn rdma_roundtrip(qpn in any::<u32>(), psn in any::<u32>(), lid in any::<u16>(),
+                          gid in any::<[u8; 16]>(), mtu in 1u8..=5, addr in any::<u64>(), len in any::<u64>()) {
+            let e = RdmaEndpoint { qpn, psn, lid, gid, mtu };
+            roundtrip_request(&Request::RdmaConnect(e));
+            roundtrip_reply(&Reply::RdmaAccept(e));
+            roundtrip_reply(&Reply::RdmaSlab(RdmaRegion { addr, rkey: qpn, len }));
         }
 
         #[test]
@@ -772,6 +873,22 @@ mod tests {
                 prop_assert!(decode_request(Op::Write as u8, &payload[..cut]).is_err());
             }
         }
+    }
+
+    #[test]
+    fn rdma_connect_rejects_a_bad_mtu() {
+        let e = RdmaEndpoint {
+            mtu: 5,
+            ..RdmaEndpoint::default()
+        };
+        let mut buf = Vec::new();
+        encode_request(&mut buf, 1, &Request::RdmaConnect(e));
+        let last = buf.len() - 1;
+        buf[last] = 9;
+        assert_eq!(
+            decode_request(Op::RdmaConnect as u8, &buf[HEADER_LEN..]),
+            Err(ProtoError::Invalid("RDMA path MTU"))
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::protocol::{
     begin_frame, decode_request, encode_reply, end_frame, ErrorCode, Header, Op, Reply, Request,
     Secret, StatReply, Welcome, HEADER_LEN, REPLY_BIT, VERSION_MAX, VERSION_MIN,
 };
+use crate::rdma::{ConnQueuePair, DeviceConfig, RdmaMode, RdmaService};
 use crate::store::{Session, Store, StoreError};
 
 /// Flush the reply buffer once it holds this much, even mid-burst.
@@ -36,6 +37,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+    #[error("{0}")]
+    Rdma(String),
 }
 
 /// How connections move bytes; request handling is the same for both.
@@ -61,6 +64,9 @@ pub struct ServerConfig {
     pub io_timeout: Duration,
     pub max_connections: usize,
     pub io: IoMode,
+    /// Offer one-sided RDMA to pagers (`--rdma`).
+    pub rdma: RdmaMode,
+    pub rdma_device: DeviceConfig,
 }
 
 impl ServerConfig {
@@ -73,6 +79,8 @@ impl ServerConfig {
             io_timeout: Duration::from_secs(30),
             max_connections: 256,
             io: IoMode::Threads,
+            rdma: RdmaMode::Auto,
+            rdma_device: DeviceConfig::default(),
         }
     }
 }
@@ -80,6 +88,7 @@ impl ServerConfig {
 /// State shared by all connections.
 pub struct State {
     pub store: Store,
+    pub rdma: RdmaService,
     pub metrics: Metrics,
     pub(crate) cfg: ServerConfig,
     next_conn: AtomicU64,
@@ -100,8 +109,10 @@ impl Server {
             addr: cfg.listen,
             source,
         })?;
+        let rdma = RdmaService::start(cfg.rdma, &cfg.rdma_device).map_err(ServerError::Rdma)?;
         let state = Arc::new(State {
             store: Store::new(cfg.capacity, cfg.lease_grace),
+            rdma,
             metrics: Metrics::default(),
             cfg,
             next_conn: AtomicU64::new(1),
@@ -191,6 +202,8 @@ pub(crate) struct Conn<'a> {
     phase: Phase,
     /// Replies not yet sent.
     pub(crate) out: Vec<u8>,
+    /// The pager's RDMA queue pair's peer, if it asked for one.
+    qp: Option<ConnQueuePair>,
 }
 
 fn serve_connection(state: &State, stream: TcpStream, id: u64) {
@@ -209,6 +222,7 @@ fn serve_connection(state: &State, stream: TcpStream, id: u64) {
         stream: &stream,
         phase: Phase::New,
         out: Vec::with_capacity(64 << 10),
+        qp: None,
     };
     let result = if open > state.cfg.max_connections {
         conn.refuse_early(ErrorCode::Busy, "too many connections")
@@ -566,6 +580,14 @@ impl Conn<'_> {
                 }))
             }),
             Request::Ping { payload } => Ok(Some(Reply::Pong(payload))),
+            Request::RdmaConnect(peer) => self.state.rdma.connect(&peer).map(|(qp, me)| {
+                // One queue pair per connection; a new one replaces it.
+                self.qp = Some(qp);
+                Some(Reply::RdmaAccept(me))
+            }),
+            Request::RdmaSlab { slab } => store
+                .rdma_region(session, self.id, slab, &self.state.rdma)
+                .map(|r| Some(Reply::RdmaSlab(r))),
             Request::CloseSession => {
                 store.close(session);
                 info!(session = session.id, "session closed by client");

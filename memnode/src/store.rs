@@ -17,7 +17,8 @@ use thiserror::Error;
 
 use crate::auth::{random_secret, secrets_equal};
 use crate::lock;
-use crate::protocol::{ErrorCode, Extent, Secret, MAX_SLAB_BYTES};
+use crate::protocol::{ErrorCode, Extent, RdmaRegion, Secret, MAX_SLAB_BYTES};
+use crate::rdma::{RdmaService, SlabRegion};
 use crate::sys::SlabMem;
 
 /// A refusal, carried back to the client as an ERROR frame.
@@ -51,13 +52,19 @@ pub struct Session {
 }
 
 struct SessionInner {
-    slabs: HashMap<u32, SlabMem>,
+    slabs: HashMap<u32, Slab>,
     bytes: u64,
     /// Connection currently owning the session, and a handle to wake it when
     /// a resuming connection takes over (the old peer may be half-open).
     owner: Option<(u64, TcpStream)>,
     detached_at: Option<Instant>,
     closed: bool,
+}
+
+/// A leased slab; its RDMA registration (if any) goes before its memory.
+struct Slab {
+    region: Option<SlabRegion>,
+    mem: SlabMem,
 }
 
 /// Session-level figures for STAT and metrics.
@@ -239,7 +246,7 @@ impl Store {
         let rounded = size.div_ceil(4096) * 4096;
         self.with(s, conn, |inner| {
             if let Some(existing) = inner.slabs.get(&slab) {
-                return if existing.len() as u64 == rounded {
+                return if existing.mem.len() as u64 == rounded {
                     Ok(())
                 } else {
                     Err(refuse(
@@ -251,7 +258,13 @@ impl Store {
             self.reserve(rounded)?;
             match SlabMem::new(rounded as usize) {
                 Ok(m) => {
-                    inner.slabs.insert(slab, m);
+                    inner.slabs.insert(
+                        slab,
+                        Slab {
+                            region: None,
+                            mem: m,
+                        },
+                    );
                     inner.bytes += rounded;
                     Ok(())
                 }
@@ -287,8 +300,8 @@ impl Store {
     pub fn free(&self, s: &Session, conn: u64, slab: u32) -> Result<(), StoreError> {
         self.with(s, conn, |inner| {
             let m = inner.slabs.remove(&slab).ok_or_else(|| no_slab(slab))?;
-            inner.bytes -= m.len() as u64;
-            self.used.fetch_sub(m.len() as u64, Ordering::Relaxed);
+            inner.bytes -= m.mem.len() as u64;
+            self.used.fetch_sub(m.mem.len() as u64, Ordering::Relaxed);
             Ok(())
         })
     }
@@ -305,7 +318,7 @@ impl Store {
         self.with(s, conn, |inner| {
             check_extents(inner, extents)?;
             for e in extents {
-                let bytes = inner.slabs[&e.slab].bytes(e.offset, e.len as usize);
+                let bytes = inner.slabs[&e.slab].mem.bytes(e.offset, e.len as usize);
                 out.extend_from_slice(bytes.expect("extent was checked"));
             }
             Ok(())
@@ -326,11 +339,28 @@ impl Store {
             for e in extents {
                 let n = e.len as usize;
                 let slab = inner.slabs.get_mut(&e.slab).expect("extent was checked");
-                let ok = slab.write_at(e.offset, &data[pos..pos + n]);
+                let ok = slab.mem.write_at(e.offset, &data[pos..pos + n]);
                 debug_assert!(ok, "extent was checked");
                 pos += n;
             }
             Ok(())
+        })
+    }
+
+    /// Registers slab `slab` for RDMA (once) and says where it is.
+    pub fn rdma_region(
+        &self,
+        s: &Session,
+        conn: u64,
+        slab: u32,
+        rdma: &RdmaService,
+    ) -> Result<RdmaRegion, StoreError> {
+        self.with(s, conn, |inner| {
+            let m = inner.slabs.get_mut(&slab).ok_or_else(|| no_slab(slab))?;
+            if m.region.is_none() {
+                m.region = Some(rdma.register(&m.mem)?);
+            }
+            Ok(m.region.as_ref().expect("registered above").region())
         })
     }
 
@@ -371,7 +401,7 @@ fn no_slab(slab: u32) -> StoreError {
 
 fn check_extents(inner: &SessionInner, extents: &[Extent]) -> Result<(), StoreError> {
     for e in extents {
-        let m = inner.slabs.get(&e.slab).ok_or_else(|| no_slab(e.slab))?;
+        let m = &inner.slabs.get(&e.slab).ok_or_else(|| no_slab(e.slab))?.mem;
         let end = e.offset.checked_add(e.len as u64);
         if end.is_none_or(|end| end > m.len() as u64) {
             return Err(refuse(

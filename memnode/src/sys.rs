@@ -53,6 +53,12 @@ impl SlabMem {
         self.len
     }
 
+    /// Start of the mapping (to register it for RDMA; it stays mapped
+    /// while `self` lives).
+    pub fn base(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

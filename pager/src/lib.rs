@@ -18,12 +18,15 @@ pub mod pager;
 pub mod pages;
 pub mod ping;
 pub mod prefetch;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod remote;
 pub mod report;
 pub mod run;
 pub mod session;
 pub mod stats;
 pub mod sys;
+pub mod transport;
 pub mod wire;
 
 use std::sync::{Mutex, MutexGuard};

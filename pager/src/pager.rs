@@ -15,7 +15,7 @@ use tracing::info;
 
 use crate::cache::CachePool;
 use crate::fetch::{self, FetchJob};
-use crate::remote::{RemoteError, SlotSpace, TcpTransport, Transport, MIN_SLAB};
+use crate::remote::{RemoteError, SlotSpace, Transport, MIN_SLAB};
 use crate::session::Session;
 use crate::stats::{self, Counters, Latencies};
 use crate::sys::{Mapping, PAGE};
@@ -64,6 +64,9 @@ pub struct PagerConfig {
     pub prefetch_max: usize,
     /// How long a fetch may wait for a memory node (including reconnecting).
     pub fetch_timeout: Duration,
+    /// How memory nodes are reached (`--transport`).
+    pub transport: crate::transport::TransportMode,
+    pub rdma_device: dmem_memnode::rdma::DeviceConfig,
 }
 
 impl Default for PagerConfig {
@@ -79,6 +82,8 @@ impl Default for PagerConfig {
             prefetch_min: 16,
             prefetch_max: 1024,
             fetch_timeout: Duration::from_secs(30),
+            transport: crate::transport::TransportMode::Auto,
+            rdma_device: dmem_memnode::rdma::DeviceConfig::default(),
         }
     }
 }
@@ -120,16 +125,18 @@ impl Pager {
             cc.token = cfg.token.clone();
             cc.request_timeout = cfg.fetch_timeout;
             cc.reconnect_window = cfg.fetch_timeout;
-            let t = TcpTransport::connect(cc).map_err(|source| PagerError::Memnode {
-                addr: addr.clone(),
-                source,
-            })?;
+            let t = crate::transport::connect(cc, cfg.transport, &cfg.rdma_device).map_err(
+                |source| PagerError::Memnode {
+                    addr: addr.clone(),
+                    source,
+                },
+            )?;
             info!(
                 memnode = addr,
                 transport = t.kind(),
                 "memory node connected"
             );
-            nodes.push(Arc::new(t));
+            nodes.push(t);
         }
         let cache = CachePool::new(cfg.cache).map_err(|source| PagerError::Memory {
             what: "cache tier",

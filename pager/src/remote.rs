@@ -35,6 +35,8 @@ pub enum RemoteError {
     OutOfSpace,
     #[error("no memory node configured")]
     NoNodes,
+    #[error("RDMA: {0}")]
+    Rdma(String),
 }
 
 /// A request in flight; `wait` fills `out` (reads) or just acknowledges.
@@ -60,6 +62,9 @@ pub trait Transport: Send + Sync {
     /// A cheap check that the node can be reached at all (no request, no
     /// reconnect attempt), used while it is down.
     fn reachable(&self) -> bool;
+    /// Drops the connection as a network failure would (tests and fault
+    /// injection); the next request reconnects.
+    fn interrupt(&self);
 }
 
 pub struct TcpTransport {
@@ -71,6 +76,11 @@ impl TcpTransport {
         Ok(TcpTransport {
             client: Client::connect(cfg)?,
         })
+    }
+
+    /// The control connection (the RDMA transport's handshakes go over it).
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 }
 
@@ -118,6 +128,9 @@ impl Transport for TcpTransport {
             .to_socket_addrs()
             .map(|mut a| a.any(|a| TcpStream::connect_timeout(&a, PROBE_CONNECT).is_ok()))
             .unwrap_or(false)
+    }
+    fn interrupt(&self) {
+        self.client.break_connection();
     }
 }
 
@@ -182,7 +195,7 @@ const PROBE_MAX_PAUSE: Duration = Duration::from_secs(2);
 fn node_unusable(e: &RemoteError) -> bool {
     match e {
         RemoteError::Client(ClientError::Server { .. }) => false,
-        RemoteError::Client(_) => true,
+        RemoteError::Client(_) | RemoteError::Rdma(_) => true,
         RemoteError::OutOfSpace | RemoteError::NoNodes => false,
     }
 }

@@ -10,10 +10,12 @@ use std::time::Duration;
 use clap::Parser;
 use dmem_memnode::auth::load_token;
 use dmem_memnode::metrics::serve_http;
+use dmem_memnode::rdma::DeviceArgs;
 use dmem_memnode::shutdown;
 use dmem_memnode::size::{format_size, parse_size};
 use dmem_pager::daemon::{bind_socket, default_socket, serve};
 use dmem_pager::pager::{Pager, PagerConfig};
+use dmem_pager::transport::TransportMode;
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
@@ -57,6 +59,12 @@ struct Args {
     /// app is stopped.
     #[arg(long, default_value_t = 30)]
     fetch_timeout: u64,
+    /// How to reach memory nodes: RDMA where this host has a device and
+    /// the node offers it, else TCP (auto); RDMA or fail (rdma); TCP (tcp).
+    #[arg(long, value_enum, default_value_t = TransportMode::Auto)]
+    transport: TransportMode,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +109,8 @@ fn run(args: Args) -> Result<(), String> {
         workers: args.workers,
         prefetch_max: args.prefetch_max as usize / 4096,
         fetch_timeout: Duration::from_secs(args.fetch_timeout),
+        transport: args.transport,
+        rdma_device: args.device.config(),
         ..PagerConfig::default()
     };
     let pager = Pager::new(cfg).map_err(|e| e.to_string())?;
