@@ -158,6 +158,11 @@ impl RdmaService {
         Err(self.why_not.clone())
     }
 
+    /// NO_RDMA with the reason, unless RDMA is offered.
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.status().map(drop).map_err(|why| no_rdma(&why))
+    }
+
     /// RDMA_CONNECT: a queue pair connected to the pager's, and its
     /// endpoint for the reply (the pager may post once it has the reply).
     pub fn connect(

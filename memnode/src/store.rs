@@ -355,6 +355,7 @@ impl Store {
         slab: u32,
         rdma: &RdmaService,
     ) -> Result<RdmaRegion, StoreError> {
+        rdma.check()?;
         self.with(s, conn, |inner| {
             let m = inner.slabs.get_mut(&slab).ok_or_else(|| no_slab(slab))?;
             if m.region.is_none() {

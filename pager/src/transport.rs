@@ -66,3 +66,19 @@ fn upgrade(
         "this pager was built without RDMA support (cargo feature rdma)".into(),
     ))
 }
+
+/// Why this pager cannot use RDMA at all (built without it, or no device
+/// here), or None when it can try. A node may still refuse.
+pub fn rdma_unavailable_here() -> Option<String> {
+    if !dmem_memnode::rdma::BUILT_WITH_RDMA {
+        return Some("this pager was built without RDMA support (cargo feature rdma)".into());
+    }
+    #[cfg(feature = "rdma")]
+    match dmem_memnode::verbs::device_names() {
+        Ok(names) if !names.is_empty() => return None,
+        Ok(_) => return Some("no RDMA device (the device list is empty)".into()),
+        Err(e) => return Some(e.to_string()),
+    }
+    #[allow(unreachable_code)]
+    None
+}
