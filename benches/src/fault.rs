@@ -41,6 +41,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use dmem_memnode::size::{format_size, parse_size};
+use dmem_pager::transport::{rdma_unavailable_here, TransportMode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -116,6 +117,12 @@ pub struct Args {
     /// vCPU, which makes the figures far steadier on a VM.
     #[arg(long)]
     pin_cpu: Option<usize>,
+    /// How the pagers reach the memory node (dmem-pager --transport). With
+    /// `rdma` (needs the rdma build and a device) the remote figures are
+    /// the RDMA column; `scripts/bench-fault.sh` adds that run by itself
+    /// where a device exists.
+    #[arg(long, value_enum, default_value_t = TransportMode::Tcp)]
+    transport: TransportMode,
 }
 
 /// One block size's figures in one round.
@@ -241,6 +248,10 @@ struct Report {
     pager_cache_bytes: u64,
     /// Block size of the headline figures.
     block_bytes: u64,
+    /// Transport of the pagers to the memory node (`tcp` or `rdma`).
+    transport: &'static str,
+    /// Whether an RDMA column can be measured here: "available", or why not.
+    rdma_status: String,
     bare_uffd_p50_us: f64,
     bare_uffd_p99_us: f64,
     bare_uffd_p50_us_range: [f64; 2],
@@ -406,12 +417,18 @@ fn start_pager(
     socket: &Path,
     memnode: &str,
     limit: u64,
-    cache: u64,
     block: u64,
     prefetch: bool,
+    a: &Args,
 ) -> Result<Daemon, String> {
     let mut cmd = Command::new(bin);
-    cmd.arg("--socket")
+    let cache = a.cache;
+    let transport = match a.transport {
+        TransportMode::Rdma => "rdma",
+        _ => "tcp",
+    };
+    cmd.args(["--transport", transport])
+        .arg("--socket")
         .arg(socket)
         .args(["--memnode", memnode])
         .args(["--local-limit", &limit.to_string()])
@@ -506,17 +523,15 @@ fn measure(
         let label = short_size(block);
         let rs = dir.join(format!("random-{i}.sock"));
         let ss = dir.join(format!("seq-{i}.sock"));
-        let rp = start_pager(
-            pager_bin, &rs, &node.addr, plan.limit, plan.cache, block, false,
-        )?;
+        let rp = start_pager(pager_bin, &rs, &node.addr, plan.limit, block, false, a)?;
         let sp = start_pager(
             pager_bin,
             &ss,
             &node.addr,
             plan.seq_size / 4,
-            plan.cache,
             block,
             true,
+            a,
         )?;
         let (mut rand, rand_ready) = WorkerProc::start(
             &rp.addr,
@@ -661,6 +676,11 @@ fn measure(
         seq_local_limit_bytes: plan.seq_size / 4,
         pager_cache_bytes: plan.cache,
         block_bytes: hk,
+        transport: match a.transport {
+            TransportMode::Rdma => "rdma",
+            _ => "tcp",
+        },
+        rdma_status: rdma_unavailable_here().unwrap_or_else(|| "available".into()),
         bare_uffd_p50_us: uffd50,
         bare_uffd_p99_us: med(&|r| r.bare_uffd_p99_us),
         bare_uffd_p50_us_range: range(&|r| r.bare_uffd_p50_us),
@@ -879,6 +899,10 @@ fn print_table(r: &Report) {
         .find(|b| b.block_bytes == r.block_bytes)
         .expect("headline block is measured");
     println!();
+    println!(
+        "transport to the memory node: {} (RDMA: {})",
+        r.transport, r.rdma_status
+    );
     println!(
         "fault-latency benchmark: medians of {} rounds ({} CPUs, Linux {}), pager --block {}",
         r.rounds,

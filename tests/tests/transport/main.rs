@@ -207,9 +207,7 @@ fn refusals_have_no_partial_effect(test: &str, mode: TransportMode) {
         .and_then(|c| c.wait(&mut []));
     let e = r.expect_err("an out-of-bounds write must be refused");
     assert_eq!(code(&e), Some(ErrorCode::OutOfBounds), "{e}");
-    let r = t
-        .post_read(&[oob])
-        .and_then(|c| c.wait(&mut vec![0u8; 200]));
+    let r = t.post_read(&[oob]).and_then(|c| c.wait(&mut [0u8; 200]));
     assert_eq!(
         code(&r.expect_err("out-of-bounds read")),
         Some(ErrorCode::OutOfBounds)
@@ -218,7 +216,7 @@ fn refusals_have_no_partial_effect(test: &str, mode: TransportMode) {
     // An unknown slab, and a released one.
     let r = t
         .post_read(&[Extent::new(7, 0, PAGE as u32)])
-        .and_then(|c| c.wait(&mut vec![0u8; PAGE]));
+        .and_then(|c| c.wait(&mut [0u8; PAGE]));
     assert_eq!(
         code(&r.expect_err("unknown slab")),
         Some(ErrorCode::NoSuchSlab)
@@ -226,7 +224,7 @@ fn refusals_have_no_partial_effect(test: &str, mode: TransportMode) {
     t.release(1).unwrap();
     let r = t
         .post_read(&[Extent::new(1, 0, PAGE as u32)])
-        .and_then(|c| c.wait(&mut vec![0u8; PAGE]));
+        .and_then(|c| c.wait(&mut [0u8; PAGE]));
     assert_eq!(
         code(&r.expect_err("released slab")),
         Some(ErrorCode::NoSuchSlab)
