@@ -247,43 +247,88 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
     let t_agent = t0.elapsed();
     let c = &s.counters;
     let mut page_buf = vec![0u8; PAGE];
+    let mut woken = Vec::with_capacity(victims.len());
     {
         let mut st = s.lock();
+        // Victims the app moved with mremap meanwhile, and whether their
+        // data went with the mapping (present at the new address) or with
+        // the agent (in staging).
+        let moved_to: Vec<Option<u64>> =
+            victims.iter().map(|v| st.forward.remove(&v.page)).collect();
+        let targets: Vec<u64> = moved_to.iter().flatten().copied().collect();
+        let mut present = if targets.is_empty() {
+            Vec::new()
+        } else {
+            sys::pages_present(s.pid, &targets)
+        }
+        .into_iter();
         for (i, v) in victims.iter().enumerate() {
-            let Some(m) = st.table.get(v.page).copied() else {
+            let page = moved_to[i].unwrap_or(v.page);
+            woken.push(page);
+            let release = |frame: u32| {
+                if frame != NO_FRAME {
+                    pager.cache.release(frame);
+                }
+            };
+            let Some(m) = st.table.get(page).copied() else {
+                release(v.frame);
                 continue;
             };
-            if m.place != Place::Evicting || status[i] == EvictStatus::Unmapped {
-                // Freed, unmapped or moved by the app meanwhile.
-                if v.frame != NO_FRAME {
-                    pager.cache.release(v.frame);
-                }
-                continue;
-            }
-            if status[i] == EvictStatus::Moved {
-                // No REMOVE event of ours comes for a moved page. If its
-                // flag is gone, a REMOVE did come: the app's own
-                // DONTNEED, taken for ours. The app freed the page.
-                if !m.has(flag::OUR_REMOVE) {
-                    if v.frame != NO_FRAME {
-                        pager.cache.release(v.frame);
-                    }
-                    s.forget(pager, &mut st, v.page);
+            if moved_to[i].is_some() {
+                let here = present.next().unwrap_or(false);
+                if m.place != Place::Evicting {
+                    // Freed or unmapped by the app at its new address.
+                    release(v.frame);
                     continue;
                 }
-                if let Some(m) = st.table.get_mut(v.page) {
-                    m.clear(flag::OUR_REMOVE);
+                if here {
+                    // The data travelled with the mapping: still local.
+                    release(v.frame);
+                    st.place(page, Place::Resident);
+                    if let Some(m) = st.table.get_mut(page) {
+                        m.set(flag::DIRTY);
+                    }
+                    st.push_resident(page);
+                    continue;
+                }
+                if status[i] == EvictStatus::Unmapped {
+                    // Neither the agent nor the new mapping has it: the app
+                    // unmapped it after moving it.
+                    release(v.frame);
+                    s.forget(pager, &mut st, page);
+                    continue;
+                }
+                // Otherwise the agent took the data before the move: it is
+                // in staging, as for any victim.
+            } else {
+                if m.place != Place::Evicting || status[i] == EvictStatus::Unmapped {
+                    // Freed, unmapped or moved by the app meanwhile.
+                    release(v.frame);
+                    continue;
+                }
+                if status[i] == EvictStatus::Moved {
+                    // No REMOVE event of ours comes for a moved page. If its
+                    // flag is gone, a REMOVE did come: the app's own
+                    // DONTNEED, taken for ours. The app freed the page.
+                    if !m.has(flag::OUR_REMOVE) {
+                        release(v.frame);
+                        s.forget(pager, &mut st, page);
+                        continue;
+                    }
+                    if let Some(m) = st.table.get_mut(page) {
+                        m.clear(flag::OUR_REMOVE);
+                    }
                 }
             }
             c.add(&c.evictions, 1);
             if v.frame != NO_FRAME {
                 sys::mapping_read(&s.staging, i * PAGE, &mut page_buf);
                 pager.cache.write(v.frame, &page_buf);
-                if let Some(m) = st.table.get_mut(v.page) {
+                if let Some(m) = st.table.get_mut(page) {
                     m.frame = v.frame;
                 }
-                st.place(v.page, Place::Cached);
-                st.push_cached(v.page);
+                st.place(page, Place::Cached);
+                st.push_cached(page);
             } else {
                 c.add(&c.clean_drops, 1);
                 if m.has(flag::PREFETCHED) {
@@ -294,15 +339,16 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                 } else {
                     Place::Remote
                 };
-                if let Some(m) = st.table.get_mut(v.page) {
+                if let Some(m) = st.table.get_mut(page) {
                     m.clear(flag::PREFETCHED);
                 }
-                st.place(v.page, to);
+                st.place(page, to);
             }
         }
     }
     // Writers that hit a victim wait for this: they fault again and find it.
-    s.wake_pages(victims.iter().map(|v| v.page));
+    woken.sort_unstable();
+    s.wake_pages(woken);
     debug!(
         session = s.id,
         pages = victims.len(),

@@ -16,7 +16,7 @@
 //! and woken threads fault again if they still need to. A fault that cannot
 //! be resolved now (EAGAIN) is answered the same way: wake, fault again.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -106,6 +106,10 @@ pub struct State {
     /// Eviction cannot make progress (no remote space): faults are served
     /// over the limit instead of being held back.
     pub stuck: bool,
+    /// Victims in flight that the app moved with mremap: address when the
+    /// eviction started → address now. The eviction's outcome applies to
+    /// the page's new address (see `Session::on_remap`).
+    pub forward: HashMap<u64, u64>,
 }
 
 /// Most pages a zero fill reaches ahead of its fault (256 KiB).
@@ -227,6 +231,7 @@ impl Session {
                 last_prefetch: Vec::new(),
                 peak_local: 0,
                 reserved: 0,
+                forward: HashMap::new(),
                 zero_stream: ZeroStream::default(),
                 stuck: false,
             }),
@@ -739,6 +744,10 @@ impl Session {
     }
 
     /// mremap moved `[from, from+len)` to `to`: the pages' state moves too.
+    /// A page being evicted stays `Evicting` at its new address (faults
+    /// there wait), and the eviction is told where it went (`forward`):
+    /// only when it completes is it known whether the data left with the
+    /// agent before the move or travelled with the mapping.
     fn on_remap(&self, pager: &Pager, st: &mut State, from: u64, to: u64, len: usize) {
         st.table.add_region(to, len);
         for i in 0..len / PAGE {
@@ -750,11 +759,21 @@ impl Session {
             let mut moved = m;
             moved.flags &= flag::DIRTY;
             moved.place = match m.place {
-                // The data travelled with the mapping. Count it dirty: the
-                // eviction in flight for the old address will find nothing,
-                // and clean pages must not rely on write-protect bits
-                // surviving the move.
-                Place::Evicting | Place::Resident => {
+                Place::Evicting => {
+                    // OUR_REMOVE stays behind: the agent acts on the old
+                    // address, so a REMOVE at the new one is the app's.
+                    let origin = st
+                        .forward
+                        .iter()
+                        .find_map(|(&o, &now)| (now == src).then_some(o))
+                        .unwrap_or(src);
+                    st.forward.insert(origin, dst);
+                    Place::Evicting
+                }
+                // The data travelled with the mapping. Count it dirty:
+                // clean pages must not rely on write-protect bits surviving
+                // the move.
+                Place::Resident => {
                     moved.flags |= flag::DIRTY;
                     Place::Resident
                 }

@@ -175,6 +175,7 @@ fn main() -> ExitCode {
         "threads" => threads(&mem, args.threads, args.rounds, args.seed),
         "madvise" => madvise(&mem),
         "mremap" => mremap(&mem, &session),
+        "mremap-churn" => mremap_churn(&mem, &session, args.rounds),
         "munmap" => munmap(&mem),
         "scan" => scan(&mem, args.rounds),
         "hold" => hold(&mem),
@@ -382,6 +383,71 @@ fn mremap(m: &Mem, s: &AppSession) -> Result<String, String> {
         m.check(p, 1)?;
     }
     Ok(String::new())
+}
+
+/// mremap of pages while they are being evicted: a chunk moves back and
+/// forth between two places, `rounds * 20` times, while another thread
+/// keeps the rest of the data cycling through the limit, so the chunk's
+/// pages are often victims in flight when they move. After every move the
+/// chunk must hold its data at its new place (never zeros or stale bytes,
+/// never a hang).
+fn mremap_churn(m: &Mem, s: &AppSession, rounds: usize) -> Result<String, String> {
+    let chunk = (m.pages / 8).max(1);
+    for p in 0..m.pages {
+        m.write(p, 1);
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let home = m.page(0).cast::<libc::c_void>();
+    // SAFETY: the arena has 2 * pages pages; the away place is its upper half.
+    let away = unsafe { s.arena_ptr().add(m.pages * PAGE) }.cast::<libc::c_void>();
+    let n = chunk * PAGE;
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for p in chunk..m.pages {
+                    m.write(p, 1);
+                }
+            }
+        });
+        let r = (|| {
+            let mut at = home;
+            for i in 0..rounds.max(1) * 20 {
+                let to = if at == home { away } else { home };
+                // SAFETY: both ranges lie inside this process's arena; only
+                // this thread touches the chunk.
+                let r = unsafe {
+                    libc::mremap(at, n, n, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to)
+                };
+                if r == libc::MAP_FAILED {
+                    return Err(format!(
+                        "mremap {i} failed: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                at = to;
+                let moved = Mem {
+                    base: at.cast(),
+                    pages: chunk,
+                    seed: m.seed,
+                };
+                for p in 0..chunk {
+                    let ptr = moved.page(p);
+                    for w in 0..PAGE / 8 {
+                        // SAFETY: inside the moved chunk.
+                        let got = unsafe { ptr.wrapping_add(w).read_volatile() };
+                        if got != word(m.seed, p, w, 1) {
+                            return Err(format!(
+                                "after move {i}: chunk page {p} word {w}: got {got:#x}"
+                            ));
+                        }
+                    }
+                }
+            }
+            Ok(String::new())
+        })();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
 }
 
 /// munmap then mmap again at the same place (re-registered): zeros.
