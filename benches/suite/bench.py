@@ -183,7 +183,7 @@ class Machine:
 
 # --- workloads -----------------------------------------------------------
 
-def workloads(quick: bool, work: Path):
+def workloads(quick: bool, work: Path, gemm_sizes=None):
     memtouch = work / "memtouch"
     sh("cc", "-O2", "-o", memtouch, SUITE / "memtouch.c")
     heap = 256 if quick else 2048
@@ -201,7 +201,7 @@ def workloads(quick: bool, work: Path):
         ("scan", [memtouch, "scan", heap, 3]),
         ("random 4K r/w", [memtouch, "rand", heap, 40000 if quick else 400000]),
     ]
-    for n in ([1536] if quick else [4096, 8192]):
+    for n in (gemm_sizes or ([1536] if quick else [4096, 8192])):
         w.append((f"gemm n={n}", [py, ROOT / "benches/jobs/gemm.py", n]))
     w.append(("kmeans", [py, ROOT / "benches/jobs/kmeans.py", 1 << (18 if quick else 22), 16, 8, 5]))
     # GNU sort's buffer comes from malloc: the tool's own memory is paged.
@@ -275,7 +275,8 @@ def measure(args, m: Machine, work: Path):
     fractions = [int(x) for x in args.fractions.split(",")]
     contenders = [c for c in args.contenders.split(",") if c]
     results = []
-    for name, cmd in workloads(args.quick, work):
+    gemm = [int(n) for n in args.gemm.split(",") if n]
+    for name, cmd in workloads(args.quick, work, gemm):
         if args.only and name.split()[0] not in args.only.split(","):
             continue
         log(f"{name}: measuring footprint and unmanaged memory")
@@ -442,6 +443,7 @@ def main():
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--only", default="", help="workloads by first word: scan,random,gemm,kmeans,sort")
     p.add_argument("--no-fault-latency", action="store_true")
+    p.add_argument("--gemm", default="", help="GEMM sizes, e.g. 4096 (default 4096,8192; 1536 with --quick)")
     p.add_argument("--timeout", type=int, help="seconds per run before it counts as a timeout "
                    "(default 900, 120 with --quick)")
     p.add_argument("--out", default=str(ROOT / "bench-results" / "suite"))
