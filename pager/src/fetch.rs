@@ -119,9 +119,10 @@ pub fn plan_prefetch(
                 let is_marker = b == plan.marker && i == 0;
                 // A cached page goes into the app now (no network), but
                 // for the marker: its fault is what starts the next window.
+                let writable = write || m.has(flag::REWRITTEN);
                 let now = m.place == Place::Cached
                     && !is_marker
-                    && session.promote(pager, st, pg, m.frame, None, write).1;
+                    && session.promote(pager, st, pg, m.frame, None, writable).1;
                 if now {
                     if let Some(pm) = st.table.get_mut(pg) {
                         pm.set(flag::PREFETCHED | flag::STREAMED);
@@ -357,17 +358,23 @@ fn install(
             revert(s, &mut st, &pages[i..]);
             break;
         }
+        // Read-modify-write pages go in writable: a run is cut where that
+        // changes.
+        let rewritten =
+            |st: &State, c: &Claimed| st.table.get(c.page).is_some_and(|m| m.has(flag::REWRITTEN));
+        let run_rw = rewritten(&st, &pages[i]);
         let mut j = i + 1;
         while j < pages.len()
             && j - i < room
             && pages[j].page == pages[j - 1].page + PAGE as u64
             && still(&st, &pages[j])
+            && rewritten(&st, &pages[j]) == run_rw
         {
             j += 1;
         }
         let len = (j - i) * PAGE;
         let src = buf[i * PAGE..].as_ptr();
-        let (fill, n) = s.install(&mut st, pages[i].page, src, len, fault, writable);
+        let (fill, n) = s.install(&mut st, pages[i].page, src, len, fault, writable || run_rw);
         if let Some(f) = fault {
             fault_done |= f.page >= pages[i].page && f.page < pages[i].page + (n * PAGE) as u64;
         }

@@ -53,6 +53,11 @@ pub mod flag {
     /// is dropped at eviction instead of taking a cache frame (a stream
     /// rarely comes back soon).
     pub const STREAMED: u8 = 64;
+    /// Took a write-protect fault (read, then written) while resident: a
+    /// read-modify-write page. It comes back writable (and dirty), which
+    /// saves the write-protect fault that would follow its next read fault
+    /// (a numpy/BLAS output array is read and written on every pass).
+    pub const REWRITTEN: u8 = 128;
 }
 
 /// 16 bytes per page.

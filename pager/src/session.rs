@@ -539,9 +539,10 @@ impl Session {
         let c = &self.counters;
         match (f.wp, m.place) {
             (true, Place::Resident) => {
-                // First write to a clean page: it is dirty from now on.
+                // First write to a clean page: it is dirty from now on, and
+                // comes back writable next time.
                 if let Some(m) = st.table.get_mut(f.page) {
-                    m.set(flag::DIRTY);
+                    m.set(flag::DIRTY | flag::REWRITTEN);
                     if m.has(flag::PREFETCHED) {
                         m.clear(flag::PREFETCHED);
                         c.add(&c.prefetch_hits, 1);
@@ -646,7 +647,8 @@ impl Session {
         f: &Fault,
         m: PageMeta,
     ) -> bool {
-        let (fill, done) = self.promote(pager, st, f.page, m.frame, Some(f), false);
+        let rewritten = m.has(flag::REWRITTEN);
+        let (fill, done) = self.promote(pager, st, f.page, m.frame, Some(f), rewritten);
         if fill == Fill::Retry && !done {
             return true;
         }

@@ -176,6 +176,7 @@ fn main() -> ExitCode {
         "madvise" => madvise(&mem),
         "mremap" => mremap(&mem, &session),
         "mremap-churn" => mremap_churn(&mem, &session, args.rounds),
+        "rmw" => rmw(&mem, args.rounds),
         "munmap" => munmap(&mem),
         "scan" => scan(&mem, args.rounds),
         "hold" => hold(&mem),
@@ -381,6 +382,21 @@ fn mremap(m: &Mem, s: &AppSession) -> Result<String, String> {
     }
     for p in half / 2..half {
         m.check(p, 1)?;
+    }
+    Ok(String::new())
+}
+
+/// Read-modify-write passes (like a BLAS output array): write everything,
+/// then `rounds` times read each page and write its next version.
+fn rmw(m: &Mem, rounds: usize) -> Result<String, String> {
+    for p in 0..m.pages {
+        m.write(p, 1);
+    }
+    for r in 1..=rounds.max(1) as u64 {
+        for p in 0..m.pages {
+            m.check(p, r)?;
+            m.write(p, r + 1);
+        }
     }
     Ok(String::new())
 }

@@ -279,6 +279,31 @@ fn mremap_moves_pages_wherever_they_are() {
     address_space_scenario("mremap");
 }
 
+/// Pages that are read and then written on every pass come back writable
+/// after their first write-protect fault, so later passes take no
+/// write-protect faults: 3 passes over 8192 pages take about 8192 of them
+/// (the first pass), not about 24576.
+#[test]
+fn read_modify_write_pages_come_back_writable() {
+    let node = memnode();
+    let pager = Pager::start(&["--memnode", &node.addr_string(), "--local-limit", "8M"]);
+    pager
+        .workload("rmw", "32M")
+        .arg("--rounds", 3)
+        .run()
+        .assert_ok();
+    let t = totals(&pager);
+    let pages = 32 << 20 >> 12;
+    let wp = stat(&t, &["faults", "write_protect"]);
+    assert!(stat(&t, &["faults", "remote"]) > 0, "{t:#}");
+    assert!(
+        wp < 2 * pages,
+        "{wp} write-protect faults for 3 passes over {pages} pages: re-written pages \
+         still come back write-protected ({t:#})"
+    );
+    assert_all_released(&pager);
+}
+
 /// mremap of pages while they are victims in flight: the eviction learns
 /// where they went and whether their data left with the agent or with the
 /// mapping. Before that was handled, about one run in five read zeros.
