@@ -176,7 +176,7 @@ fn main() -> ExitCode {
         "madvise" => madvise(&mem),
         "mremap" => mremap(&mem, &session),
         "mremap-churn" => mremap_churn(&mem, &session, args.rounds),
-        "rmw" => rmw(&mem, args.rounds),
+        "rmw" => rmw(&mem, args.rounds, args.seed),
         "munmap" => munmap(&mem),
         "scan" => scan(&mem, args.rounds),
         "hold" => hold(&mem),
@@ -387,13 +387,19 @@ fn mremap(m: &Mem, s: &AppSession) -> Result<String, String> {
 }
 
 /// Read-modify-write passes (like a BLAS output array): write everything,
-/// then `rounds` times read each page and write its next version.
-fn rmw(m: &Mem, rounds: usize) -> Result<String, String> {
+/// then `rounds` times read each page and write its next version, in a
+/// random order each pass (demand faults, not prefetch streams).
+fn rmw(m: &Mem, rounds: usize, seed: u64) -> Result<String, String> {
     for p in 0..m.pages {
         m.write(p, 1);
     }
+    let mut rng = Rng(seed | 1);
+    let mut order: Vec<usize> = (0..m.pages).collect();
     for r in 1..=rounds.max(1) as u64 {
-        for p in 0..m.pages {
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+        }
+        for &p in &order {
             m.check(p, r)?;
             m.write(p, r + 1);
         }
