@@ -323,6 +323,21 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             c.add(&c.evictions, 1);
             if v.frame != NO_FRAME {
                 sys::mapping_read(&s.staging, i * PAGE, &mut page_buf);
+                if is_zero(&page_buf) {
+                    // Written, but all zeros (a zero fill ahead of a stream
+                    // that never came, a memset): nothing to keep or write
+                    // back; a fault reads zeros again.
+                    pager.cache.release(v.frame);
+                    c.add(&c.clean_drops, 1);
+                    let old = m.slot;
+                    if let Some(m) = st.table.get_mut(page) {
+                        m.slot = NO_SLOT;
+                        m.clear(flag::DIRTY | flag::PREFETCHED);
+                    }
+                    pager.space.decref(old);
+                    st.place(page, Place::Zero);
+                    continue;
+                }
                 pager.cache.write(v.frame, &page_buf);
                 if let Some(m) = st.table.get_mut(page) {
                     m.frame = v.frame;
@@ -365,6 +380,12 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
     );
     Latencies::record(&s.lat.evict, t0.elapsed());
     true
+}
+
+/// Whether a page holds only zero bytes.
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
 }
 
 /// Write-protects `pages` in contiguous runs; returns the pages of runs

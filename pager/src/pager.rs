@@ -142,11 +142,14 @@ impl Pager {
             what: "cache tier",
             source,
         })?;
-        // A block, plus the most a zero fill reaches ahead of its fault.
-        let zeros = Mapping::anonymous(cfg.block + (crate::session::ZERO_AHEAD_MAX + 1) * PAGE)
-            .map_err(|source| PagerError::Memory {
-                what: "zero block",
-                source,
+        // A block, plus the most a zero fill reaches around and ahead of
+        // its fault.
+        let zeros =
+            Mapping::anonymous(cfg.block + crate::session::ZERO_FILL_MAX).map_err(|source| {
+                PagerError::Memory {
+                    what: "zero block",
+                    source,
+                }
             })?;
         let (tx, rx) = unbounded::<FetchJob>();
         let pager = Arc::new(Pager {
