@@ -177,6 +177,7 @@ fn main() -> ExitCode {
         "mremap" => mremap(&mem, &session),
         "mremap-churn" => mremap_churn(&mem, &session, args.rounds),
         "rmw" => rmw(&mem, args.rounds, args.seed),
+        "zero-rewrite" => zero_rewrite(&mem),
         "munmap" => munmap(&mem),
         "scan" => scan(&mem, args.rounds),
         "hold" => hold(&mem),
@@ -382,6 +383,25 @@ fn mremap(m: &Mem, s: &AppSession) -> Result<String, String> {
     }
     for p in half / 2..half {
         m.check(p, 1)?;
+    }
+    Ok(String::new())
+}
+
+/// Writes every page, then overwrites every page with zeros (a memset of
+/// a buffer being reused), then checks they all read as zeros.
+fn zero_rewrite(m: &Mem) -> Result<String, String> {
+    for p in 0..m.pages {
+        m.write(p, 1);
+    }
+    for p in 0..m.pages {
+        let ptr = m.page(p);
+        for w in 0..PAGE / 8 {
+            // SAFETY: inside page p of the arena.
+            unsafe { ptr.wrapping_add(w).write_volatile(0) };
+        }
+    }
+    for p in 0..m.pages {
+        m.check(p, 0)?;
     }
     Ok(String::new())
 }

@@ -279,6 +279,25 @@ fn mremap_moves_pages_wherever_they_are() {
     address_space_scenario("mremap");
 }
 
+/// A victim that holds only zeros (here: a buffer the app overwrote with
+/// zeros) is dropped at eviction, not written back: 32 MiB written, then
+/// zeroed, at an 8 MiB limit writes back about the first pass's 24 MiB,
+/// not twice that, and every page still reads as zeros.
+#[test]
+fn all_zero_victims_are_dropped_not_written_back() {
+    let node = memnode();
+    let pager = Pager::start(&["--memnode", &node.addr_string(), "--local-limit", "8M"]);
+    pager.workload("zero-rewrite", "32M").run().assert_ok();
+    let t = totals(&pager);
+    let back = stat(&t, &["bytes_written_back"]);
+    assert!(back > 0, "{t:#}");
+    assert!(
+        back < 40 << 20,
+        "{back} bytes written back: zeroed pages were written back ({t:#})"
+    );
+    assert_all_released(&pager);
+}
+
 /// Pages that are read and then written on every pass come back writable
 /// after their first write-protect fault, so later passes take no
 /// write-protect faults: 3 passes over 8192 pages take about 8192 of them
