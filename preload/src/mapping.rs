@@ -85,7 +85,8 @@ pub unsafe extern "C" fn mmap64(
     fd: c_int,
     off: libc::off_t,
 ) -> *mut c_void {
-    result(map(addr as u64, len, prot, flags, fd, off))
+    // SAFETY: the same function under another name; same contract.
+    unsafe { mmap(addr, len, prot, flags, fd, off) }
 }
 
 fn map(addr: u64, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> Result<u64, i32> {

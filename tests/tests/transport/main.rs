@@ -129,6 +129,11 @@ fn verify_all(t: &dyn Transport, m: &Model, what: &str) {
     }
 }
 
+/// Whether two extents share a byte.
+fn overlap(x: &Extent, y: &Extent) -> bool {
+    x.slab == y.slab && x.offset < y.offset + y.len as u64 && y.offset < x.offset + x.len as u64
+}
+
 fn batched_round_trip(test: &str, mode: TransportMode) {
     let Some((_node, t)) = setup(test, mode, &[]) else {
         return;
@@ -142,19 +147,13 @@ fn batched_round_trip(test: &str, mode: TransportMode) {
         let mut group: Vec<Vec<Extent>> = Vec::new();
         while group.len() < 4 {
             let b = batch(&mut rng, 24);
-            let overlaps = group.iter().flatten().any(|x| {
-                b.iter().any(|y| {
-                    x.slab == y.slab
-                        && x.offset < y.offset + y.len as u64
-                        && y.offset < x.offset + x.len as u64
-                })
-            }) || b.iter().enumerate().any(|(i, x)| {
-                b[i + 1..].iter().any(|y| {
-                    x.slab == y.slab
-                        && x.offset < y.offset + y.len as u64
-                        && y.offset < x.offset + x.len as u64
-                })
-            });
+            let overlaps = group
+                .iter()
+                .flatten()
+                .any(|x| b.iter().any(|y| overlap(x, y)))
+                || b.iter()
+                    .enumerate()
+                    .any(|(i, x)| b[i + 1..].iter().any(|y| overlap(x, y)));
             if !overlaps {
                 group.push(b);
             }
