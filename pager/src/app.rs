@@ -399,11 +399,25 @@ fn run_end(entries: &[wire::EvictEntry], i: usize) -> usize {
 }
 
 /// `MADV_DONTNEED` over runs of contiguous victims; a run that fails (the
-/// app unmapped part of it) is retried page by page.
+/// app unmapped part of it) is retried page by page. Victims that could not
+/// be read (`Unmapped`) are never dropped: the app moved them away before
+/// they were read, and if it moved them back meanwhile, dropping them here
+/// would destroy their only copy.
 fn drop_pages(entries: &[wire::EvictEntry], status: &mut [EvictStatus]) {
+    let keep = |k: usize, status: &[EvictStatus]| status[k] == EvictStatus::Unmapped;
     let mut i = 0;
     while i < entries.len() {
-        let j = run_end(entries, i);
+        if keep(i, status) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < entries.len()
+            && entries[j].addr == entries[j - 1].addr + PAGE as u64
+            && !keep(j, status)
+        {
+            j += 1;
+        }
         if sys::dontneed(entries[i].addr, (j - i) * PAGE).is_err() {
             for k in i..j {
                 if sys::dontneed(entries[k].addr, PAGE).is_err() {

@@ -197,6 +197,9 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                 }
             }
         }
+        for v in &victims {
+            st.in_flight.start(v.page);
+        }
     }
     if victims.is_empty() {
         return false;
@@ -236,6 +239,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             debug!(session = s.id, "eviction abandoned: {e}");
             // The app is gone or broken; the session is ending.
             s.dead.store(true, std::sync::atomic::Ordering::Release);
+            s.lock().in_flight.clear();
             for v in &victims {
                 if v.frame != NO_FRAME {
                     pager.cache.release(v.frame);
@@ -250,63 +254,46 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
     let mut woken = Vec::with_capacity(victims.len());
     {
         let mut st = s.lock();
-        // Victims the app moved with mremap meanwhile, and whether their
-        // data went with the mapping (present at the new address) or with
-        // the agent (in staging).
-        let moved_to: Vec<Option<u64>> =
-            victims.iter().map(|v| st.forward.remove(&v.page)).collect();
-        let targets: Vec<u64> = moved_to.iter().flatten().copied().collect();
-        let mut present = if targets.is_empty() {
-            Vec::new()
-        } else {
-            sys::pages_present(s.pid, &targets)
-        }
-        .into_iter();
         for (i, v) in victims.iter().enumerate() {
-            let page = moved_to[i].unwrap_or(v.page);
-            woken.push(page);
             let release = |frame: u32| {
                 if frame != NO_FRAME {
                     pager.cache.release(frame);
                 }
             };
+            // Where the app has moved the victim since (mremap), if at all.
+            // Without an address another page was moved over its state
+            // (the app is being stopped: see `Session::on_remap`).
+            let Some(page) = st.in_flight.finish(v.page) else {
+                release(v.frame);
+                continue;
+            };
+            woken.push(page);
             let Some(m) = st.table.get(page).copied() else {
                 release(v.frame);
                 continue;
             };
-            if moved_to[i].is_some() {
-                let here = present.next().unwrap_or(false);
-                if m.place != Place::Evicting {
-                    // Freed or unmapped by the app at its new address.
+            if m.place != Place::Evicting {
+                // Freed or unmapped by the app meanwhile.
+                release(v.frame);
+                continue;
+            }
+            match status[i] {
+                EvictStatus::Unmapped => {
+                    // The agent found nothing at the victim's origin and
+                    // dropped nothing: the app moved the page away before
+                    // the agent came, and its data went with the mapping.
+                    // (Were it unmapped, its UNMAP would have made it Zero
+                    // already, or will.)
                     release(v.frame);
-                    continue;
-                }
-                if here {
-                    // The data travelled with the mapping: still local.
-                    release(v.frame);
-                    st.place(page, Place::Resident);
                     if let Some(m) = st.table.get_mut(page) {
+                        m.clear(flag::OUR_REMOVE);
                         m.set(flag::DIRTY);
                     }
+                    st.place(page, Place::Resident);
                     st.push_resident(page);
                     continue;
                 }
-                if status[i] == EvictStatus::Unmapped {
-                    // Neither the agent nor the new mapping has it: the app
-                    // unmapped it after moving it.
-                    release(v.frame);
-                    s.forget(pager, &mut st, page);
-                    continue;
-                }
-                // Otherwise the agent took the data before the move: it is
-                // in staging, as for any victim.
-            } else {
-                if m.place != Place::Evicting || status[i] == EvictStatus::Unmapped {
-                    // Freed, unmapped or moved by the app meanwhile.
-                    release(v.frame);
-                    continue;
-                }
-                if status[i] == EvictStatus::Moved {
+                EvictStatus::Moved => {
                     // No REMOVE event of ours comes for a moved page. If its
                     // flag is gone, a REMOVE did come: the app's own
                     // DONTNEED, taken for ours. The app freed the page.
@@ -319,6 +306,9 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                         m.clear(flag::OUR_REMOVE);
                     }
                 }
+                // Copied and dropped at its origin: the REMOVE of that
+                // drop clears (or has cleared) OUR_REMOVE.
+                EvictStatus::Done => {}
             }
             c.add(&c.evictions, 1);
             if v.frame != NO_FRAME {

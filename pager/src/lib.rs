@@ -4,7 +4,7 @@
 //! tier backed by memory nodes. Module map: `daemon` (unix socket,
 //! registration), `session` (one app: page table, uffd reader), `fetch`
 //! (remote faults and prefetch on the worker pool), `evict` (keeping an app
-//! under its limit), `remote` (transport trait, TCP transport, slot
+//! under its limit), `inflight` (where victims in flight are now), `remote` (transport trait, TCP transport, slot
 //! placement), `cache` (cache tier frames), `pages` (dense page state),
 //! `prefetch` (stream detection), `run` (`dmem run`), `stats`, `wire` (app <-> pager messages),
 //! `app` (the app side, used by libdmem.so and tests), `sys` (OS calls).
@@ -14,6 +14,7 @@ pub mod cache;
 pub mod daemon;
 pub mod evict;
 pub mod fetch;
+pub mod inflight;
 pub mod pager;
 pub mod pages;
 pub mod ping;

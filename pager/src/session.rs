@@ -16,7 +16,7 @@
 //! and woken threads fault again if they still need to. A fault that cannot
 //! be resolved now (EAGAIN) is answered the same way: wake, fault again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 use userfaultfd::{Event, EventBuffer, FaultKind, ReadWrite, Uffd};
 
+use crate::inflight::InFlight;
 use crate::pager::Pager;
 use crate::pages::{flag, PageMeta, PageTable, Place, NO_FRAME, NO_SLOT};
 use crate::prefetch::Prefetcher;
@@ -106,10 +107,9 @@ pub struct State {
     /// Eviction cannot make progress (no remote space): faults are served
     /// over the limit instead of being held back.
     pub stuck: bool,
-    /// Victims in flight that the app moved with mremap: address when the
-    /// eviction started → address now. The eviction's outcome applies to
-    /// the page's new address (see `Session::on_remap`).
-    pub forward: HashMap<u64, u64>,
+    /// Victims of the eviction batch in flight, from the address the
+    /// agent acts on to where the app has moved them since (mremap).
+    pub in_flight: InFlight,
 }
 
 /// Most pages a zero fill reaches ahead of its fault (256 KiB).
@@ -238,7 +238,7 @@ impl Session {
                 last_prefetch: Vec::new(),
                 peak_local: 0,
                 reserved: 0,
-                forward: HashMap::new(),
+                in_flight: InFlight::default(),
                 zero_stream: ZeroStream::default(),
                 stuck: false,
             }),
@@ -762,8 +762,14 @@ impl Session {
     fn on_remove(&self, pager: &Pager, st: &mut State, start: u64, end: u64, unmap: bool) {
         let mut p = start & !(PAGE as u64 - 1);
         while p < end {
+            // The agent drops a victim at its origin: a REMOVE where a
+            // victim was moved to is the app's.
+            let at_origin = match st.in_flight.origin_at(p) {
+                Some(origin) => origin == p,
+                None => true,
+            };
             if let Some(m) = st.table.get_mut(p) {
-                if m.has(flag::OUR_REMOVE) && !unmap {
+                if m.has(flag::OUR_REMOVE) && !unmap && at_origin {
                     // The agent's own DONTNEED of a victim.
                     m.clear(flag::OUR_REMOVE);
                 } else {
@@ -776,13 +782,25 @@ impl Session {
 
     /// mremap moved `[from, from+len)` to `to`: the pages' state moves too.
     /// A page being evicted stays `Evicting` at its new address (faults
-    /// there wait), and the eviction is told where it went (`forward`):
-    /// only when it completes is it known whether the data left with the
-    /// agent before the move or travelled with the mapping.
+    /// there wait) and keeps its `OUR_REMOVE` flag: the agent acts at the
+    /// victim's origin (`State::in_flight`), and its DONTNEED counts as
+    /// its own only while the victim is back there.
+    ///
+    /// The one move the pager cannot follow puts a *different* page onto
+    /// the origin of a victim in flight: the agent would then take or drop
+    /// that page in the victim's place. The app is stopped rather than
+    /// risk wrong data (libdmem.so never does this: its mremap copies).
     fn on_remap(&self, pager: &Pager, st: &mut State, from: u64, to: u64, len: usize) {
         st.table.add_region(to, len);
         for i in 0..len / PAGE {
             let (src, dst) = (from + (i * PAGE) as u64, to + (i * PAGE) as u64);
+            if st.in_flight.is_origin(dst) && st.in_flight.origin_at(src) != Some(dst) {
+                self.fatal(&format!(
+                    "mremap moved memory onto {dst:#x} while the page that was there is \
+                     being evicted; the pager cannot tell which page the eviction takes"
+                ));
+            }
+            st.in_flight.moved(src, dst);
             self.forget(pager, st, dst);
             let Some(m) = st.table.get(src).copied() else {
                 continue;
@@ -791,14 +809,7 @@ impl Session {
             moved.flags &= flag::DIRTY;
             moved.place = match m.place {
                 Place::Evicting => {
-                    // OUR_REMOVE stays behind: the agent acts on the old
-                    // address, so a REMOVE at the new one is the app's.
-                    let origin = st
-                        .forward
-                        .iter()
-                        .find_map(|(&o, &now)| (now == src).then_some(o))
-                        .unwrap_or(src);
-                    st.forward.insert(origin, dst);
+                    moved.flags |= m.flags & flag::OUR_REMOVE;
                     Place::Evicting
                 }
                 // The data travelled with the mapping. Count it dirty:

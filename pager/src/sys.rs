@@ -218,24 +218,6 @@ pub fn munmap_raw(addr: u64, len: usize) -> Result<(), Errno> {
     }
 }
 
-/// Which of `pages` are present in process `pid`'s page tables, from
-/// `/proc/PID/pagemap` (bit 63; readable without privileges). A process
-/// that is gone has none.
-pub fn pages_present(pid: i32, pages: &[u64]) -> Vec<bool> {
-    use std::os::unix::fs::FileExt;
-    let Ok(f) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
-        return vec![false; pages.len()];
-    };
-    pages
-        .iter()
-        .map(|&p| {
-            let mut e = [0u8; 8];
-            f.read_exact_at(&mut e, p / PAGE as u64 * 8).is_ok()
-                && u64::from_le_bytes(e) & (1 << 63) != 0
-        })
-        .collect()
-}
-
 /// Reads `len` bytes at `offset` of a mapping into `out` (bounds checked).
 pub fn mapping_read(m: &Mapping, offset: usize, out: &mut [u8]) {
     assert!(offset + out.len() <= m.len, "mapping read out of bounds");
