@@ -103,6 +103,11 @@ pub struct Pager {
     /// launcher (`dmem run`) can report its program's run after it ended.
     pub ended_apps: Mutex<VecDeque<Value>>,
     pub ended_lat: Latencies,
+    /// Held while an ended session moves its figures into `ended*` and
+    /// leaves `sessions`, and while a snapshot reads them: a snapshot taken
+    /// halfway saw the app gone with its counters not yet in `ended` (a
+    /// run's summary read zero faults beside non-zero latency counts).
+    retiring: Mutex<()>,
 }
 
 impl Pager {
@@ -163,6 +168,7 @@ impl Pager {
             ended: Counters::default(),
             ended_apps: Mutex::new(VecDeque::new()),
             ended_lat: Latencies::default(),
+            retiring: Mutex::new(()),
         });
         for i in 0..pager.cfg.workers.max(1) {
             let rx = rx.clone();
@@ -210,6 +216,7 @@ impl Pager {
                 s.teardown(&p);
                 let mut figures = p.app_json(&s);
                 figures["ended"] = json!(true);
+                let _retiring = crate::lock(&p.retiring);
                 {
                     let mut ended = crate::lock(&p.ended_apps);
                     if ended.len() == ENDED_APPS_KEPT {
@@ -226,6 +233,7 @@ impl Pager {
 
     /// Everything `dmem stats --json` shows.
     pub fn stats_json(&self, socket: &str) -> Value {
+        let _retiring = crate::lock(&self.retiring);
         let total = Counters::default();
         let total_lat = Latencies::default();
         total.absorb(&self.ended);
@@ -290,6 +298,7 @@ impl Pager {
 
     /// Prometheus text for `--metrics`.
     pub fn metrics_text(&self) -> String {
+        let _retiring = crate::lock(&self.retiring);
         let total = Counters::default();
         total.absorb(&self.ended);
         let mut out = String::new();
