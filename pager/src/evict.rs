@@ -30,7 +30,8 @@ use tracing::{debug, warn};
 use crate::app::recv_msg;
 use crate::pager::Pager;
 use crate::pages::{flag, Place, NO_FRAME, NO_SLOT};
-use crate::remote::{checksum, Batch};
+use crate::placement::Batch;
+use crate::remote::checksum;
 use crate::session::{Session, HOLD_BACK};
 use crate::stats::Latencies;
 use crate::sys::{self, Fill, PAGE};
@@ -591,10 +592,12 @@ fn write_back(s: &Session, pager: &Pager, pages: &[WbPage], data: &[u8]) -> Resu
         .space
         .alloc(pages.len())
         .map_err(|e| (e, Vec::new()))
-        .and_then(|slots| match Batch::new(&pager.space, &slots).write(data) {
-            Ok(()) => Ok(slots),
-            Err(e) => Err((e, slots)),
-        });
+        .and_then(
+            |slots| match Batch::write_all(&pager.space, &slots).write(data) {
+                Ok(()) => Ok(slots),
+                Err(e) => Err((e, slots)),
+            },
+        );
     let c = &s.counters;
     let mut st = s.lock();
     let still = |st: &crate::session::State, p: &WbPage| {

@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use crate::pager::Pager;
 use crate::pages::{flag, Place};
-use crate::remote::{checksum, Batch, RemoteError};
+use crate::placement::Batch;
+use crate::remote::checksum;
 use crate::session::{Fault, Session, State};
 use crate::stats::Latencies;
 use crate::sys::{Fill, PAGE};
@@ -189,24 +190,37 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
     let t0 = Instant::now();
     let demand_slots: Vec<u32> = job.demand.iter().map(|c| c.slot).collect();
     let pf_slots: Vec<u32> = job.prefetch.iter().map(|c| c.slot).collect();
-    let demand = Batch::new(&pager.space, &demand_slots);
-    let pf = Batch::new(&pager.space, &pf_slots);
+    let demand = Batch::read(&pager.space, &demand_slots, &[]);
+    let pf = Batch::read(&pager.space, &pf_slots, &[]);
     let dbuf = sized(&mut bufs.demand, demand_slots.len() * PAGE);
     let pbuf = sized(&mut bufs.prefetch, pf_slots.len() * PAGE);
     let scratch = &mut bufs.scratch;
     // Post both, then wait: the prefetch travels while the demand installs.
-    let posted = demand.post_read().and_then(|d| Ok((d, pf.post_read()?)));
-    let (dpost, ppost) = match posted {
-        Ok(x) => x,
-        Err(e) => return lost(s, pager, &job.demand, e),
+    let dpost = if job.demand.is_empty() {
+        Ok(Vec::new())
+    } else {
+        demand.post_read()
+    };
+    let ppost = if job.prefetch.is_empty() {
+        Ok(Vec::new())
+    } else {
+        pf.post_read()
     };
     let c = &s.counters;
     if !job.demand.is_empty() {
-        if let Err(e) = demand.finish_read(dpost, dbuf, scratch) {
-            return lost(s, pager, &job.demand, e);
-        }
-        if !verify(s, pager, &job.demand, dbuf) {
-            return;
+        let first = dpost
+            .and_then(|p| demand.finish_read(p, dbuf, scratch))
+            .map_err(|(node, e)| Failed::Read(node, e.to_string()))
+            .and_then(|()| match first_corrupt(&job.demand, dbuf) {
+                None => Ok(()),
+                Some(i) => Err(Failed::Corrupt(demand.node_of(i), job.demand[i].page)),
+            });
+        if let Err(failed) = first {
+            // Another replica may have it; with none left the app stops.
+            if let Err(why) = refetch(pager, &demand_slots, &job.demand, dbuf, scratch, failed) {
+                s.fatal(&why);
+                return;
+            }
         }
         Latencies::record(&s.lat.fetch, t0.elapsed());
         c.add(&c.bytes_fetched, dbuf.len() as u64);
@@ -225,13 +239,12 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
     if job.prefetch.is_empty() {
         return;
     }
-    if pf.finish_read(ppost, pbuf, scratch).is_err() {
-        // A demand fault reports lost data; here just give the pages back.
+    let fetched = ppost.and_then(|p| pf.finish_read(p, pbuf, scratch)).is_ok();
+    if !fetched || first_corrupt(&job.prefetch, pbuf).is_some() {
+        // Just give the pages back: a demand fault on one of them tries
+        // every replica, and reports data that is truly gone.
         let mut st = s.lock();
         revert(s, &mut st, &job.prefetch);
-        return;
-    }
-    if !verify(s, pager, &job.prefetch, pbuf) {
         return;
     }
     c.add(&c.bytes_fetched, pbuf.len() as u64);
@@ -283,41 +296,81 @@ fn revert(s: &Session, st: &mut State, pages: &[Claimed]) {
     }
 }
 
-fn lost(s: &Session, pager: &Pager, pages: &[Claimed], e: RemoteError) {
-    let node = pages
-        .first()
-        .map(|c| {
-            pager
-                .space
-                .node(pager.space.locate(c.slot).node)
-                .addr()
-                .to_owned()
-        })
-        .unwrap_or_default();
-    let addr = pages.first().map_or(0, |c| c.page);
-    s.fatal(&format!(
-        "page {addr:#x} could not be fetched from memory node {node}: {e}"
-    ));
+/// Why a read of a batch's pages failed.
+enum Failed {
+    /// A node did not deliver (`usize::MAX`: no replica left to ask).
+    Read(usize, String),
+    /// A page (at this address) failed its checksum, read from that node.
+    Corrupt(Option<usize>, u64),
 }
 
-/// Checks every page against the checksum taken at write-back.
-fn verify(s: &Session, pager: &Pager, pages: &[Claimed], buf: &[u8]) -> bool {
-    for (i, c) in pages.iter().enumerate() {
-        if checksum(&buf[i * PAGE..(i + 1) * PAGE]) != c.crc {
-            let node = pager
+/// Reads `slots` again after `failed`, leaving out every node that failed
+/// so far, until every page arrives intact or no replica is left. Returns
+/// the last failure, worded for the app, when none is left.
+fn refetch(
+    pager: &Pager,
+    slots: &[u32],
+    pages: &[Claimed],
+    out: &mut [u8],
+    scratch: &mut Vec<u8>,
+    mut failed: Failed,
+) -> Result<(), String> {
+    let addr = pages.first().map_or(0, |c| c.page);
+    let mut avoid = Vec::new();
+    let mut why;
+    loop {
+        let node_name = |n: usize| {
+            pager
                 .space
-                .node(pager.space.locate(c.slot).node)
-                .addr()
-                .to_owned();
-            s.fatal(&format!(
-                "memory node {node} returned a corrupted page for address {:#x} \
-                 (checksum mismatch); refusing to serve it",
-                c.page
-            ));
-            return false;
+                .nodes()
+                .get(n)
+                .map_or_else(|| "(none left)".to_owned(), |t| t.addr().to_owned())
+        };
+        match failed {
+            Failed::Read(n, e) => {
+                why = format!(
+                    "page {addr:#x} could not be fetched from memory node {}: {e}",
+                    node_name(n)
+                );
+                if n == usize::MAX {
+                    return Err(why);
+                }
+                avoid.push(n);
+            }
+            Failed::Corrupt(n, page) => {
+                why = format!(
+                    "memory node {} returned a corrupted page for address {page:#x} \
+                     (checksum mismatch); refusing to serve it",
+                    n.map_or_else(|| "?".to_owned(), node_name)
+                );
+                match n {
+                    Some(n) => avoid.push(n),
+                    None => return Err(why),
+                }
+            }
         }
+        if pager.space.replicas() < 2 {
+            return Err(why);
+        }
+        tracing::warn!("{why}; trying another replica");
+        let b = Batch::read(&pager.space, slots, &avoid);
+        failed = match b.post_read().and_then(|p| b.finish_read(p, out, scratch)) {
+            Err((n, e)) if n == usize::MAX => return Err(format!("{why}; {e}")),
+            Err((n, e)) => Failed::Read(n, e.to_string()),
+            Ok(()) => match first_corrupt(pages, out) {
+                None => return Ok(()),
+                Some(i) => Failed::Corrupt(b.node_of(i), pages[i].page),
+            },
+        };
     }
-    true
+}
+
+/// The first page that does not match the checksum taken at write-back.
+fn first_corrupt(pages: &[Claimed], buf: &[u8]) -> Option<usize> {
+    pages
+        .iter()
+        .enumerate()
+        .position(|(i, c)| checksum(&buf[i * PAGE..(i + 1) * PAGE]) != c.crc)
 }
 
 /// Installs fetched pages still wanted, in contiguous runs. A run that

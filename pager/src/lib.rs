@@ -4,10 +4,12 @@
 //! tier backed by memory nodes. Module map: `daemon` (unix socket,
 //! registration), `session` (one app: page table, uffd reader), `fetch`
 //! (remote faults and prefetch on the worker pool), `evict` (keeping an app
-//! under its limit), `inflight` (where victims in flight are now), `remote` (transport trait, TCP transport, slot
-//! placement), `cache` (cache tier frames), `pages` (dense page state),
-//! `prefetch` (stream detection), `run` (`dmem run`), `stats`, `wire` (app <-> pager messages),
-//! `app` (the app side, used by libdmem.so and tests), `sys` (OS calls).
+//! under its limit), `inflight` (where victims in flight are now), `remote`
+//! (transport trait, TCP transport), `placement` (slots in replica groups
+//! on the memory nodes, rebuilds), `cache` (cache tier frames), `pages`
+//! (dense page state), `prefetch` (stream detection), `run` (`dmem run`),
+//! `stats`, `wire` (app <-> pager messages), `app` (the app side, used by
+//! libdmem.so and tests), `sys` (OS calls).
 
 pub mod app;
 pub mod cache;
@@ -18,6 +20,7 @@ pub mod inflight;
 pub mod pager;
 pub mod pages;
 pub mod ping;
+pub mod placement;
 pub mod prefetch;
 #[cfg(feature = "rdma")]
 pub mod rdma;

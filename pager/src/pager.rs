@@ -15,7 +15,8 @@ use tracing::info;
 
 use crate::cache::CachePool;
 use crate::fetch::{self, FetchJob};
-use crate::remote::{RemoteError, SlotSpace, Transport, MIN_SLAB};
+use crate::placement::{SlotSpace, MIN_SLAB};
+use crate::remote::{RemoteError, Transport};
 use crate::session::Session;
 use crate::stats::{self, Counters, Latencies};
 use crate::sys::{Mapping, PAGE};
@@ -67,6 +68,10 @@ pub struct PagerConfig {
     /// How memory nodes are reached (`--transport`).
     pub transport: crate::transport::TransportMode,
     pub rdma_device: dmem_memnode::rdma::DeviceConfig,
+    /// Memory nodes that must hold every page written back (`--replicas`).
+    pub replicas: usize,
+    /// Most bytes per second a rebuild of lost replicas copies.
+    pub rebuild_rate: u64,
 }
 
 impl Default for PagerConfig {
@@ -84,6 +89,8 @@ impl Default for PagerConfig {
             fetch_timeout: Duration::from_secs(30),
             transport: crate::transport::TransportMode::Auto,
             rdma_device: dmem_memnode::rdma::DeviceConfig::default(),
+            replicas: 1,
+            rebuild_rate: 64 << 20,
         }
     }
 }
@@ -124,12 +131,25 @@ impl Pager {
                 cfg.slab
             )));
         }
+        if cfg.replicas == 0 || (cfg.replicas > 1 && cfg.replicas > cfg.memnodes.len()) {
+            return Err(PagerError::Config(format!(
+                "--replicas {} needs at least as many memory nodes (--memnode), {} given",
+                cfg.replicas,
+                cfg.memnodes.len()
+            )));
+        }
         let mut nodes: Vec<Arc<dyn Transport>> = Vec::new();
         for addr in &cfg.memnodes {
             let mut cc = ClientConfig::new(addr.clone());
             cc.token = cfg.token.clone();
             cc.request_timeout = cfg.fetch_timeout;
             cc.reconnect_window = cfg.fetch_timeout;
+            if cfg.replicas > 1 {
+                // Another replica can answer: give up on a broken node soon
+                // and read elsewhere, instead of waiting out a restart.
+                cc.reconnect_window = cfg.fetch_timeout.min(REPLICA_RECONNECT);
+                cc.request_timeout = cfg.fetch_timeout.min(REPLICA_REQUEST);
+            }
             let t = crate::transport::connect(cc, cfg.transport, &cfg.rdma_device).map_err(
                 |source| PagerError::Memnode {
                     addr: addr.clone(),
@@ -158,7 +178,7 @@ impl Pager {
             })?;
         let (tx, rx) = unbounded::<FetchJob>();
         let pager = Arc::new(Pager {
-            space: SlotSpace::new(nodes, cfg.slab),
+            space: SlotSpace::new(nodes, cfg.slab, cfg.replicas),
             cfg,
             cache,
             zeros,
@@ -182,6 +202,13 @@ impl Pager {
                     }
                 })
                 .map_err(|e| PagerError::Config(format!("cannot start workers: {e}")))?;
+        }
+        if pager.cfg.replicas > 1 {
+            let weak = Arc::downgrade(&pager);
+            std::thread::Builder::new()
+                .name("dmem-rebuild".into())
+                .spawn(move || rebuild_loop(&weak))
+                .map_err(|e| PagerError::Config(format!("cannot start the rebuilder: {e}")))?;
         }
         Ok(pager)
     }
@@ -271,6 +298,9 @@ impl Pager {
                 "cache_bytes": self.cache.frames() * PAGE,
                 "cache_free_bytes": self.cache.free_frames() * PAGE,
                 "remote_slots_used": self.space.used_slots(),
+                "replicas": self.space.replicas(),
+                "degraded_groups": self.space.degraded_groups(),
+                "rebuilt_pages": self.space.rebuilt_pages(),
             },
             "total": stats::to_json(&total, &total_lat),
             "apps": apps,
@@ -334,3 +364,30 @@ impl Pager {
         out
     }
 }
+
+/// With replicas, how long a broken connection is retried before the node
+/// counts as down and reads go to another replica.
+const REPLICA_RECONNECT: Duration = Duration::from_secs(2);
+/// With replicas, how long one request may wait for its reply.
+const REPLICA_REQUEST: Duration = Duration::from_secs(5);
+
+/// Watches the memory nodes and rebuilds replica groups that lost one, a
+/// group at a time, for as long as the pager lives.
+fn rebuild_loop(pager: &std::sync::Weak<Pager>) {
+    let mut beat = std::time::Instant::now();
+    loop {
+        let Some(p) = pager.upgrade() else { return };
+        if beat.elapsed() >= HEARTBEAT {
+            p.space.heartbeat();
+            beat = std::time::Instant::now();
+        }
+        let rebuilt = p.space.rebuild_one(p.cfg.rebuild_rate);
+        drop(p);
+        if !rebuilt {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// With replicas, how often every node is asked whether it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(1);

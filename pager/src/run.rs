@@ -43,6 +43,8 @@ pub struct RunConfig {
     pub token_file: Option<PathBuf>,
     pub socket: Option<PathBuf>,
     pub stats_json: Option<PathBuf>,
+    /// `--replicas` of a pager this run starts (0 counts as 1).
+    pub replicas: usize,
     pub quiet: bool,
     pub cmd: Vec<String>,
 }
@@ -72,14 +74,14 @@ impl Drop for Daemon {
 /// Everything the run started, torn down in reverse order on drop.
 struct Started {
     pager: Option<Daemon>,
-    memnode: Option<Daemon>,
+    memnodes: Vec<Daemon>,
     dir: Option<PathBuf>,
 }
 
 impl Drop for Started {
     fn drop(&mut self) {
         self.pager.take();
-        self.memnode.take();
+        self.memnodes.clear();
         if let Some(d) = self.dir.take() {
             let _ = std::fs::remove_dir_all(d);
         }
@@ -101,7 +103,7 @@ pub fn run(cfg: &RunConfig) -> Result<ExitStatus, RunError> {
     let lib = sibling("libdmem.so")?;
     let mut started = Started {
         pager: None,
-        memnode: None,
+        memnodes: Vec::new(),
         dir: None,
     };
     let socket = match existing_pager(cfg) {
@@ -170,7 +172,8 @@ pub fn run(cfg: &RunConfig) -> Result<ExitStatus, RunError> {
 /// The socket of a pager to use, when one answers and the run does not
 /// ask for its own memory nodes.
 fn existing_pager(cfg: &RunConfig) -> Option<PathBuf> {
-    if !cfg.memnodes.is_empty() {
+    // Nodes or replicas asked for: a pager of this run's own has them.
+    if !cfg.memnodes.is_empty() || cfg.replicas > 1 {
         return None;
     }
     let s = cfg
@@ -187,24 +190,26 @@ fn start_private(cfg: &RunConfig, started: &mut Started) -> Result<PathBuf, RunE
     let mut memnodes = cfg.memnodes.clone();
     let mut token = cfg.token_file.clone();
     if memnodes.is_empty() {
-        let port = sys::free_loopback_port().map_err(|e| RunError::NotReady {
-            what: "memory node".into(),
-            why: format!("no free loopback port: {e}"),
-        })?;
-        let addr = format!("127.0.0.1:{port}");
         // Lends what is free (lazily: an idle node uses nothing); no token,
         // so it accepts loopback clients only.
         let available = dmem_memnode::sys::mem_available().unwrap_or(0);
-        let capacity = (available / 2).max(256 << 20);
-        let mut c = Command::new(sibling("dmem-memnode")?);
-        c.args(["--listen", &addr, "--capacity", &capacity.to_string()]);
-        let log = dir.join("memnode.log");
-        let d = spawn_daemon(c, "memory node", &log)?;
-        started.memnode = Some(d);
-        wait_ready("memory node", &log, started.memnode.as_mut(), || {
-            std::net::TcpStream::connect(&addr).is_ok()
-        })?;
-        memnodes.push(addr);
+        let n = cfg.replicas.max(1);
+        let capacity = (available / 2 / n as u64).max(256 << 20);
+        for i in 0..n {
+            let port = sys::free_loopback_port().map_err(|e| RunError::NotReady {
+                what: "memory node".into(),
+                why: format!("no free loopback port: {e}"),
+            })?;
+            let addr = format!("127.0.0.1:{port}");
+            let mut c = Command::new(sibling("dmem-memnode")?);
+            c.args(["--listen", &addr, "--capacity", &capacity.to_string()]);
+            let log = dir.join(format!("memnode{i}.log"));
+            started.memnodes.push(spawn_daemon(c, "memory node", &log)?);
+            wait_ready("memory node", &log, started.memnodes.last_mut(), || {
+                std::net::TcpStream::connect(&addr).is_ok()
+            })?;
+            memnodes.push(addr);
+        }
         token = None;
     }
     let socket = dir.join("pager.sock");
@@ -217,6 +222,7 @@ fn start_private(cfg: &RunConfig, started: &mut Started) -> Result<PathBuf, RunE
     for m in &memnodes {
         c.args(["--memnode", m]);
     }
+    c.args(["--replicas", &cfg.replicas.max(1).to_string()]);
     if let Some(t) = &token {
         c.arg("--token-file").arg(t);
     }

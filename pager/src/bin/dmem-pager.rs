@@ -63,6 +63,14 @@ struct Args {
     /// the node offers it, else TCP (auto); RDMA or fail (rdma); TCP (tcp).
     #[arg(long, value_enum, default_value_t = TransportMode::Auto)]
     transport: TransportMode,
+    /// Memory nodes that must hold every page written back before its
+    /// local copy is dropped (2 recommended with 2 or more nodes). Pages
+    /// left with fewer copies when a node is lost are copied again.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Most bytes per second copied to rebuild lost replicas.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    rebuild_rate: u64,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -83,7 +91,7 @@ fn run(args: Args) -> Result<(), String> {
     if args.local_limit < (1 << 20) {
         return Err("--local-limit must be at least 1M".into());
     }
-    if args.slab < dmem_pager::remote::MIN_SLAB {
+    if args.slab < dmem_pager::placement::MIN_SLAB {
         return Err(format!(
             "--slab must be at least 4M, not {}",
             format_size(args.slab)
@@ -111,6 +119,8 @@ fn run(args: Args) -> Result<(), String> {
         fetch_timeout: Duration::from_secs(args.fetch_timeout),
         transport: args.transport,
         rdma_device: args.device.config(),
+        replicas: args.replicas,
+        rebuild_rate: args.rebuild_rate,
         ..PagerConfig::default()
     };
     let pager = Pager::new(cfg).map_err(|e| e.to_string())?;

@@ -57,6 +57,10 @@ enum Cmd {
         /// Write the run's figures as JSON here at exit.
         #[arg(long)]
         stats_json: Option<PathBuf>,
+        /// Memory nodes that must hold every page written back (for a pager
+        /// this run starts; with no --memnode, this many loopback nodes).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+        replicas: u32,
         /// No summary on stderr.
         #[arg(long)]
         quiet: bool,
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
             token_file,
             socket,
             stats_json,
+            replicas,
             quiet,
             cmd,
         } => {
@@ -114,6 +119,7 @@ fn main() -> ExitCode {
                 token_file,
                 socket,
                 stats_json,
+                replicas: replicas as usize,
                 quiet,
                 cmd,
             };

@@ -11,12 +11,14 @@
 //! - `apps`: several apps on one pager, pager death, stats and metrics.
 //! - `memnodes`: network outages, a stalled node, a lost node, a full node,
 //!   no node at all.
+//! - `replicas`: pages on several nodes; nodes killed, replicas rebuilt.
 //! - `bad_input`: malformed registrations and bad flags.
 
 mod apps;
 mod bad_input;
 mod memnodes;
 mod paging;
+mod replicas;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

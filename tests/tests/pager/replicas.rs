@@ -1,0 +1,117 @@
+//! Replicas (`--replicas N`): every page written back lives on N distinct
+//! memory nodes; a node's death is a non-event for the app, and its
+//! replicas are rebuilt on the other nodes from the survivors.
+
+use std::time::Duration;
+
+use dmem_tests::{eventually, stat, Memnode, Pager};
+
+use crate::assert_all_released;
+
+fn nodes(n: usize) -> Vec<Memnode> {
+    (0..n)
+        .map(|_| Memnode::start(&["--capacity", "256M"]))
+        .collect()
+}
+
+fn pager_over(nodes: &[Memnode], extra: &[&str]) -> Pager {
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr_string()).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for a in &addrs {
+        args.extend(["--memnode", a]);
+    }
+    // Small slabs: the app's pages spread over several replica groups, so
+    // every pair of nodes holds some of them.
+    args.extend(["--local-limit", "8M", "--slab", "4M"]);
+    args.extend_from_slice(extra);
+    Pager::start(&args)
+}
+
+/// Indexes of the nodes the pager has leased slabs on.
+fn leased_nodes(v: &serde_json::Value) -> Vec<usize> {
+    (0..v["memnodes"].as_array().map_or(0, Vec::len))
+        .filter(|&i| stat(&v["memnodes"][i], &["leased_bytes"]) > 0)
+        .collect()
+}
+
+/// Three nodes, two replicas. A node holding the app's data is killed
+/// (-9) while the app waits: its groups are rebuilt on the others, then a
+/// second node is killed too. The app then reads everything back from the
+/// one node left and finishes with every byte right. Without replicas the
+/// first kill would stop it; without the rebuild the second would (groups
+/// that had both their replicas on the two dead nodes).
+#[test]
+fn a_killed_memnode_is_a_non_event_and_its_replicas_are_rebuilt() {
+    let mut ns = nodes(3);
+    let mut pager = pager_over(&ns, &["--replicas", "2"]);
+    let mut w = pager.workload("hold", "32M").spawn();
+    w.wait_for_line("written");
+    let v = pager.stats();
+    assert!(stat(&v["apps"][0], &["remote_pages"]) > 0, "{v:#}");
+    assert_eq!(
+        leased_nodes(&v),
+        vec![0, 1, 2],
+        "groups should spread over every node: {v:#}"
+    );
+    ns[0].kill9();
+    let v = eventually(
+        Duration::from_secs(60),
+        "the dead node's replica groups to be rebuilt",
+        || {
+            let v = pager.stats();
+            (v["memnodes"][0]["state"] != "up"
+                && stat(&v, &["pager", "rebuilt_pages"]) > 0
+                && stat(&v, &["pager", "degraded_groups"]) == 0)
+                .then_some(v)
+        },
+    );
+    assert!(
+        stat(&v["memnodes"][1], &["leased_bytes"]) > 0
+            && stat(&v["memnodes"][2], &["leased_bytes"]) > 0,
+        "{v:#}"
+    );
+    ns[1].kill9();
+    w.release();
+    w.wait().assert_ok();
+    pager.assert_alive();
+    assert_all_released(&pager);
+}
+
+/// Two nodes, two replicas: one is killed while the app runs. Its pages
+/// come from the other replica, and with a single node left the app's
+/// write-backs cannot be placed twice, so it runs over its local limit
+/// instead of keeping one copy: it finishes with every byte right.
+#[test]
+fn reads_fall_back_to_the_other_replica_when_a_node_dies() {
+    let mut ns = nodes(2);
+    let mut pager = pager_over(&ns, &["--replicas", "2"]);
+    let mut w = pager.workload("hold", "32M").spawn();
+    w.wait_for_line("written");
+    ns[1].kill9();
+    w.release();
+    w.wait().assert_ok();
+    pager.assert_alive();
+    let v = pager.stats();
+    assert!(stat(&v["total"], &["faults", "remote"]) > 0, "{v:#}");
+    assert_all_released(&pager);
+}
+
+/// Replicas need as many memory nodes: a clear error at start.
+#[test]
+fn more_replicas_than_memnodes_is_refused() {
+    let ns = nodes(2);
+    let addrs: Vec<String> = ns.iter().map(|n| n.addr_string()).collect();
+    let err = Pager::try_start(&[
+        "--memnode",
+        &addrs[0],
+        "--memnode",
+        &addrs[1],
+        "--local-limit",
+        "8M",
+        "--replicas",
+        "3",
+    ])
+    .err()
+    .expect("a pager with --replicas 3 over 2 nodes must not start");
+    assert!(err.contains("--replicas 3"), "{err}");
+}
