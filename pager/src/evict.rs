@@ -592,12 +592,26 @@ fn write_back(s: &Session, pager: &Pager, pages: &[WbPage], data: &[u8]) -> Resu
         .space
         .alloc(pages.len())
         .map_err(|e| (e, Vec::new()))
-        .and_then(
-            |slots| match Batch::write_all(&pager.space, &slots).write(data) {
+        .and_then(|slots| {
+            let sealed;
+            let out = match &pager.sealer {
+                // Memory nodes get ciphertext only (the checksum below is
+                // of the plaintext, as the fetch checks it after opening).
+                Some(sealer) => {
+                    let mut buf = data.to_vec();
+                    for (i, &slot) in slots.iter().enumerate() {
+                        sealer.seal(slot, &mut buf[i * PAGE..(i + 1) * PAGE]);
+                    }
+                    sealed = buf;
+                    &sealed[..]
+                }
+                None => data,
+            };
+            match Batch::write_all(&pager.space, &slots).write(out) {
                 Ok(()) => Ok(slots),
                 Err(e) => Err((e, slots)),
-            },
-        );
+            }
+        });
     let c = &s.counters;
     let mut st = s.lock();
     let still = |st: &crate::session::State, p: &WbPage| {

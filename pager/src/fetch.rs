@@ -211,7 +211,7 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
         let first = dpost
             .and_then(|p| demand.finish_read(p, dbuf, scratch))
             .map_err(|(node, e)| Failed::Read(node, e.to_string()))
-            .and_then(|()| match first_corrupt(&job.demand, dbuf) {
+            .and_then(|()| match first_corrupt(pager, &job.demand, dbuf) {
                 None => Ok(()),
                 Some(i) => Err(Failed::Corrupt(demand.node_of(i), job.demand[i].page)),
             });
@@ -240,7 +240,7 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
         return;
     }
     let fetched = ppost.and_then(|p| pf.finish_read(p, pbuf, scratch)).is_ok();
-    if !fetched || first_corrupt(&job.prefetch, pbuf).is_some() {
+    if !fetched || first_corrupt(pager, &job.prefetch, pbuf).is_some() {
         // Just give the pages back: a demand fault on one of them tries
         // every replica, and reports data that is truly gone.
         let mut st = s.lock();
@@ -340,7 +340,7 @@ fn refetch(
             Failed::Corrupt(n, page) => {
                 why = format!(
                     "memory node {} returned a corrupted page for address {page:#x} \
-                     (checksum mismatch); refusing to serve it",
+                     (checksum or authentication mismatch); refusing to serve it",
                     n.map_or_else(|| "?".to_owned(), node_name)
                 );
                 match n {
@@ -357,7 +357,7 @@ fn refetch(
         failed = match b.post_read().and_then(|p| b.finish_read(p, out, scratch)) {
             Err((n, e)) if n == usize::MAX => return Err(format!("{why}; {e}")),
             Err((n, e)) => Failed::Read(n, e.to_string()),
-            Ok(()) => match first_corrupt(pages, out) {
+            Ok(()) => match first_corrupt(pager, pages, out) {
                 None => return Ok(()),
                 Some(i) => Failed::Corrupt(b.node_of(i), pages[i].page),
             },
@@ -365,12 +365,20 @@ fn refetch(
     }
 }
 
-/// The first page that does not match the checksum taken at write-back.
-fn first_corrupt(pages: &[Claimed], buf: &[u8]) -> Option<usize> {
-    pages
-        .iter()
-        .enumerate()
-        .position(|(i, c)| checksum(&buf[i * PAGE..(i + 1) * PAGE]) != c.crc)
+/// Opens sealed pages (`--encrypt`) in place and checks every page against
+/// the checksum taken at write-back. Returns the first page that fails
+/// either; the pages before it are then plaintext, the rest unusable.
+fn first_corrupt(pager: &Pager, pages: &[Claimed], buf: &mut [u8]) -> Option<usize> {
+    pages.iter().enumerate().position(|(i, c)| {
+        let page = &mut buf[i * PAGE..(i + 1) * PAGE];
+        if let Some(sealer) = &pager.sealer {
+            if let Err(e) = sealer.open(c.slot, page) {
+                tracing::warn!("{e}");
+                return true;
+            }
+        }
+        checksum(page) != c.crc
+    })
 }
 
 /// Installs fetched pages still wanted, in contiguous runs. A run that

@@ -8,7 +8,7 @@
 //! (transport trait, TCP transport), `placement` (slots in replica groups
 //! on the memory nodes, rebuilds), `cache` (cache tier frames), `pages`
 //! (dense page state), `prefetch` (stream detection), `run` (`dmem run`),
-//! `stats`, `wire` (app <-> pager messages), `app` (the app side, used by
+//! `seal` (pages encrypted at rest), `stats`, `wire` (app <-> pager messages), `app` (the app side, used by
 //! libdmem.so and tests), `sys` (OS calls).
 
 pub mod app;
@@ -27,6 +27,7 @@ pub mod rdma;
 pub mod remote;
 pub mod report;
 pub mod run;
+pub mod seal;
 pub mod session;
 pub mod stats;
 pub mod sys;

@@ -17,6 +17,7 @@ use crate::cache::CachePool;
 use crate::fetch::{self, FetchJob};
 use crate::placement::{SlotSpace, MIN_SLAB};
 use crate::remote::{RemoteError, Transport};
+use crate::seal::Sealer;
 use crate::session::Session;
 use crate::stats::{self, Counters, Latencies};
 use crate::sys::{Mapping, PAGE};
@@ -35,6 +36,8 @@ pub enum PagerError {
     },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
 }
 
 /// The client's errors name the node already; say it once.
@@ -72,6 +75,8 @@ pub struct PagerConfig {
     pub replicas: usize,
     /// Most bytes per second a rebuild of lost replicas copies.
     pub rebuild_rate: u64,
+    /// Seal pages written back (`--encrypt`, see `seal`).
+    pub encrypt: bool,
 }
 
 impl Default for PagerConfig {
@@ -91,6 +96,7 @@ impl Default for PagerConfig {
             rdma_device: dmem_memnode::rdma::DeviceConfig::default(),
             replicas: 1,
             rebuild_rate: 64 << 20,
+            encrypt: false,
         }
     }
 }
@@ -99,6 +105,8 @@ pub struct Pager {
     pub cfg: PagerConfig,
     pub cache: CachePool,
     pub space: SlotSpace,
+    /// With `--encrypt`: seals pages written back, opens them on fetch.
+    pub sealer: Option<Sealer>,
     /// A block of zeros, the source of zero fills.
     pub zeros: Mapping,
     pub sessions: DashMap<u64, Arc<Session>>,
@@ -163,6 +171,11 @@ impl Pager {
             );
             nodes.push(t);
         }
+        let sealer = if cfg.encrypt {
+            Some(Sealer::new()?)
+        } else {
+            None
+        };
         let cache = CachePool::new(cfg.cache).map_err(|source| PagerError::Memory {
             what: "cache tier",
             source,
@@ -179,6 +192,7 @@ impl Pager {
         let (tx, rx) = unbounded::<FetchJob>();
         let pager = Arc::new(Pager {
             space: SlotSpace::new(nodes, cfg.slab, cfg.replicas),
+            sealer,
             cfg,
             cache,
             zeros,
@@ -299,6 +313,7 @@ impl Pager {
                 "cache_free_bytes": self.cache.free_frames() * PAGE,
                 "remote_slots_used": self.space.used_slots(),
                 "replicas": self.space.replicas(),
+                "encrypt": self.sealer.is_some(),
                 "degraded_groups": self.space.degraded_groups(),
                 "rebuilt_pages": self.space.rebuilt_pages(),
             },

@@ -45,6 +45,8 @@ pub struct RunConfig {
     pub stats_json: Option<PathBuf>,
     /// `--replicas` of a pager this run starts (0 counts as 1).
     pub replicas: usize,
+    /// `--encrypt` for a pager this run starts.
+    pub encrypt: bool,
     pub quiet: bool,
     pub cmd: Vec<String>,
 }
@@ -173,7 +175,7 @@ pub fn run(cfg: &RunConfig) -> Result<ExitStatus, RunError> {
 /// ask for its own memory nodes.
 fn existing_pager(cfg: &RunConfig) -> Option<PathBuf> {
     // Nodes or replicas asked for: a pager of this run's own has them.
-    if !cfg.memnodes.is_empty() || cfg.replicas > 1 {
+    if !cfg.memnodes.is_empty() || cfg.replicas > 1 || cfg.encrypt {
         return None;
     }
     let s = cfg
@@ -223,6 +225,9 @@ fn start_private(cfg: &RunConfig, started: &mut Started) -> Result<PathBuf, RunE
         c.args(["--memnode", m]);
     }
     c.args(["--replicas", &cfg.replicas.max(1).to_string()]);
+    if cfg.encrypt {
+        c.arg("--encrypt");
+    }
     if let Some(t) = &token {
         c.arg("--token-file").arg(t);
     }

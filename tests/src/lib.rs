@@ -1178,3 +1178,76 @@ impl TcpProxy {
         self.state.accepted.load(Ordering::SeqCst)
     }
 }
+
+/// Word `w` of page `p` as `dmem-workload` writes it (seed, version `v`):
+/// never zero, so a zeroed page never passes, and known to tests that look
+/// for it where it should (or should not) be.
+pub fn page_word(seed: u64, p: usize, w: usize, v: u64) -> u64 {
+    let mut x = seed ^ (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (v << 48) ^ (w as u64);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x | 1
+}
+
+/// Where the 8-byte `words` occur (8-aligned) in the writable memory of
+/// process `pid`, read through `/proc/PID/mem` (root): address and word.
+pub fn find_words(pid: u32, words: &std::collections::HashSet<u64>) -> Vec<(u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read maps");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem");
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').expect("range");
+        let (a, b) = (
+            u64::from_str_radix(a, 16).expect("hex"),
+            u64::from_str_radix(b, 16).expect("hex"),
+        );
+        let mut at = a;
+        while at < b {
+            let n = ((b - at) as usize).min(buf.len());
+            if mem.read_exact_at(&mut buf[..n], at).is_ok() {
+                for (k, w) in buf[..n].chunks_exact(8).enumerate() {
+                    let v = u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+                    if words.contains(&v) {
+                        found.push((at + 8 * k as u64, v));
+                    }
+                }
+            }
+            at += n as u64;
+        }
+    }
+    found
+}
+
+/// How many distinct `words` occur in process `pid`'s writable memory.
+pub fn words_in_memory(pid: u32, words: &std::collections::HashSet<u64>) -> usize {
+    let distinct: std::collections::HashSet<u64> =
+        find_words(pid, words).into_iter().map(|(_, w)| w).collect();
+    distinct.len()
+}
+
+/// Flips every bit of one byte at each of `addrs` in process `pid`, through
+/// `/proc/PID/mem`: a memory node whose storage went bad.
+pub fn corrupt_memory(pid: u32, addrs: &[u64]) {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .expect("open /proc/PID/mem for writing");
+    for &a in addrs {
+        let mut b = [0u8; 1];
+        mem.read_exact_at(&mut b, a).expect("read a byte");
+        b[0] ^= 0xff;
+        mem.write_all_at(&b, a).expect("write a byte");
+    }
+}

@@ -71,6 +71,10 @@ struct Args {
     /// Most bytes per second copied to rebuild lost replicas.
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     rebuild_rate: u64,
+    /// Encrypt and authenticate every page written back (ChaCha20-Poly1305,
+    /// key held only by this pager): memory nodes hold ciphertext only.
+    #[arg(long)]
+    encrypt: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -121,6 +125,7 @@ fn run(args: Args) -> Result<(), String> {
         rdma_device: args.device.config(),
         replicas: args.replicas,
         rebuild_rate: args.rebuild_rate,
+        encrypt: args.encrypt,
         ..PagerConfig::default()
     };
     let pager = Pager::new(cfg).map_err(|e| e.to_string())?;

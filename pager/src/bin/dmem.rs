@@ -37,7 +37,8 @@ enum Cmd {
     },
     /// Run a program with its large allocations paged by dmem.
     ///
-    /// Uses the host's pager when one answers (and no --memnode is given);
+    /// Uses the host's pager when one answers (and no --memnode,
+    /// --replicas or --encrypt is given);
     /// otherwise starts a pager for this run, and with no --memnode a
     /// memory node on loopback too. Returns the program's exit status.
     Run {
@@ -61,6 +62,10 @@ enum Cmd {
         /// this run starts; with no --memnode, this many loopback nodes).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
         replicas: u32,
+        /// Encrypt pages at rest on the memory nodes (for a pager this run
+        /// starts).
+        #[arg(long)]
+        encrypt: bool,
         /// No summary on stderr.
         #[arg(long)]
         quiet: bool,
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
             socket,
             stats_json,
             replicas,
+            encrypt,
             quiet,
             cmd,
         } => {
@@ -120,6 +126,7 @@ fn main() -> ExitCode {
                 socket,
                 stats_json,
                 replicas: replicas as usize,
+                encrypt,
                 quiet,
                 cmd,
             };

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dmem_pager::app::{AppConfig, AppSession};
+use dmem_tests::page_word as word;
 
 const PAGE: usize = 4096;
 
@@ -67,15 +68,6 @@ fn parse() -> Result<Args, String> {
 
 fn size(s: &str) -> Result<u64, String> {
     dmem_memnode::size::parse_size(s).map_err(|e| e.to_string())
-}
-
-/// The 8-byte word `w` of page `p` at version `v`.
-fn word(seed: u64, p: usize, w: usize, v: u64) -> u64 {
-    let mut x = seed ^ (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (v << 48) ^ (w as u64);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x | 1 // never zero: a zeroed page never passes
 }
 
 struct Mem {

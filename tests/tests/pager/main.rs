@@ -12,9 +12,11 @@
 //! - `memnodes`: network outages, a stalled node, a lost node, a full node,
 //!   no node at all.
 //! - `replicas`: pages on several nodes; nodes killed, replicas rebuilt.
+//! - `at_rest`: what a memory node holds (`--encrypt`), and its storage going bad.
 //! - `bad_input`: malformed registrations and bad flags.
 
 mod apps;
+mod at_rest;
 mod bad_input;
 mod memnodes;
 mod paging;
