@@ -77,6 +77,18 @@ pub fn connect_pager(path: &Path) -> Result<OwnedFd, AppError> {
         path: path.to_owned(),
         source,
     })?;
+    // Whoever listens there gets this program's memory: only a pager run
+    // by root or by this user (another user could have made the socket's
+    // directory, e.g. under /tmp, and put a socket of theirs in it).
+    let (_, uid) = sys::peer_cred(fd.as_fd()).map_err(AppError::Io)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if uid != 0 && uid != me {
+        return Err(AppError::Refused(format!(
+            "the pager on {} runs as uid {uid}, neither root nor this user ({me}): \
+             not handing it this program's memory",
+            path.display()
+        )));
+    }
     Ok(fd)
 }
 

@@ -185,9 +185,33 @@ fn existing_pager(cfg: &RunConfig) -> Option<PathBuf> {
     connect_pager(&s).is_ok().then_some(s)
 }
 
+/// A new directory only this user can enter, for the run's sockets and
+/// logs. Never one that exists already: another user could have made it
+/// (the temp dir is shared) and would then see, or replace, the pager's
+/// socket.
+fn private_dir() -> Result<PathBuf, RunError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut last = None;
+    for _ in 0..16 {
+        let mut r = [0u8; 8];
+        let _ = getrandom::getrandom(&mut r);
+        let dir = std::env::temp_dir().join(format!(
+            "dmem-run-{}-{:016x}",
+            std::process::id(),
+            u64::from_ne_bytes(r)
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((dir, e)),
+            Err(source) => return Err(RunError::Write { path: dir, source }),
+        }
+    }
+    let (path, source) = last.expect("tried at least once");
+    Err(RunError::Write { path, source })
+}
+
 fn start_private(cfg: &RunConfig, started: &mut Started) -> Result<PathBuf, RunError> {
-    let dir = std::env::temp_dir().join(format!("dmem-run-{}", std::process::id()));
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = private_dir()?;
     started.dir = Some(dir.clone());
     let mut memnodes = cfg.memnodes.clone();
     let mut token = cfg.token_file.clone();
