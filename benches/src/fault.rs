@@ -123,6 +123,10 @@ pub struct Args {
     /// where a device exists.
     #[arg(long, value_enum, default_value_t = TransportMode::Tcp)]
     transport: TransportMode,
+    /// Run the pagers with --encrypt (pages sealed at rest): compare the
+    /// remote figures with a run without it.
+    #[arg(long)]
+    encrypt: bool,
 }
 
 /// One block size's figures in one round.
@@ -252,6 +256,12 @@ struct Report {
     transport: &'static str,
     /// Whether an RDMA column can be measured here: "available", or why not.
     rdma_status: String,
+    /// The pagers ran with --encrypt.
+    encrypt: bool,
+    /// CPU cost of sealing a 4 KiB page (--encrypt, on write-back) and of
+    /// opening it (on fetch), medians measured in this process.
+    seal_us_per_page: f64,
+    open_us_per_page: f64,
     bare_uffd_p50_us: f64,
     bare_uffd_p99_us: f64,
     bare_uffd_p50_us_range: [f64; 2],
@@ -437,6 +447,9 @@ fn start_pager(
         .env("RUST_LOG", "warn");
     if !prefetch {
         cmd.args(["--prefetch-max", "0"]);
+    }
+    if a.encrypt {
+        cmd.arg("--encrypt");
     }
     Daemon::start(
         cmd,
@@ -655,6 +668,7 @@ fn measure(
     let uffd50 = med(&|r| r.bare_uffd_p50_us);
     let tcp50 = med(&|r| r.bare_tcp_p50_us);
     let budget = uffd50 + tcp50 + REMOTE_BUDGET_EXTRA_US;
+    let seal_cost = seal_cost()?;
     let report = Report {
         bench: "fault-latency",
         host: Host {
@@ -681,6 +695,9 @@ fn measure(
             _ => "tcp",
         },
         rdma_status: rdma_unavailable_here().unwrap_or_else(|| "available".into()),
+        encrypt: a.encrypt,
+        seal_us_per_page: seal_cost.0,
+        open_us_per_page: seal_cost.1,
         bare_uffd_p50_us: uffd50,
         bare_uffd_p99_us: med(&|r| r.bare_uffd_p99_us),
         bare_uffd_p50_us_range: range(&|r| r.bare_uffd_p50_us),
@@ -717,6 +734,23 @@ fn measure(
         println!("JSON written to {}", path.display());
     }
     Ok(())
+}
+
+/// Median µs to seal and to open one 4 KiB page (what --encrypt adds to a
+/// write-back and to a fetch, per page).
+fn seal_cost() -> Result<(f64, f64), String> {
+    let sealer = dmem_pager::seal::Sealer::new().map_err(|e| e.to_string())?;
+    let mut page = vec![0x5au8; 4096];
+    let (mut seal, mut open) = (Vec::new(), Vec::new());
+    for slot in 0..2000u32 {
+        let t = std::time::Instant::now();
+        sealer.seal(slot, &mut page);
+        seal.push(t.elapsed().as_nanos() as f64 / 1e3);
+        let t = std::time::Instant::now();
+        sealer.open(slot, &mut page).map_err(|e| e.to_string())?;
+        open.push(t.elapsed().as_nanos() as f64 / 1e3);
+    }
+    Ok((median_finite(&seal), median_finite(&open)))
 }
 
 /// The interleaved rounds.
@@ -900,8 +934,14 @@ fn print_table(r: &Report) {
         .expect("headline block is measured");
     println!();
     println!(
-        "transport to the memory node: {} (RDMA: {})",
-        r.transport, r.rdma_status
+        "transport to the memory node: {} (RDMA: {}); pages sealed at rest: {}",
+        r.transport,
+        r.rdma_status,
+        if r.encrypt { "yes (--encrypt)" } else { "no" }
+    );
+    println!(
+        "sealing cost per 4 KiB page (ChaCha20-Poly1305, this CPU): seal {:.2} us, open {:.2} us",
+        r.seal_us_per_page, r.open_us_per_page
     );
     println!(
         "fault-latency benchmark: medians of {} rounds ({} CPUs, Linux {}), pager --block {}",
