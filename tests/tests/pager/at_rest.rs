@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use dmem_tests::{corrupt_memory, find_words, page_word, stat, words_in_memory, Memnode, Pager};
+use dmem_tests::{corrupt_memory, find_words, page_word, stat, words_in_memory};
 
 use crate::assert_all_released;
 
@@ -15,17 +15,14 @@ const PAGES: usize = 8192; // 32M
 /// the node), counts how many pages' first words occur in the node's
 /// memory, then lets the app verify everything and finish.
 fn plaintext_pages_on_the_node(extra: &[&str]) -> (usize, serde_json::Value) {
-    let node = Memnode::start(&["--capacity", "256M"]);
-    let addr = node.addr_string();
-    let mut args = vec!["--memnode", &addr, "--local-limit", "8M", "--slab", "4M"];
-    args.extend_from_slice(extra);
-    let pager = Pager::start(&args);
+    let ns = crate::nodes(1);
+    let pager = crate::pager_over(&ns, extra);
     let mut w = pager.workload("hold", "32M").arg("--seed", SEED).spawn();
     w.wait_for_line("written");
     let v = pager.stats();
     assert!(stat(&v["apps"][0], &["remote_pages"]) > 1000, "{v:#}");
     let words: HashSet<u64> = (0..PAGES).map(|p| page_word(SEED, p, 0, 1)).collect();
-    let found = words_in_memory(node.pid(), &words);
+    let found = words_in_memory(ns[0].pid(), &words);
     w.release();
     w.wait().assert_ok();
     assert_all_released(&pager);
@@ -58,17 +55,8 @@ fn corrupt_node0_then_read_back(
     nodes: usize,
     extra: &[&str],
 ) -> (dmem_tests::WorkloadOutcome, String) {
-    let ns: Vec<Memnode> = (0..nodes)
-        .map(|_| Memnode::start(&["--capacity", "256M"]))
-        .collect();
-    let addrs: Vec<String> = ns.iter().map(|n| n.addr_string()).collect();
-    let mut args: Vec<&str> = Vec::new();
-    for a in &addrs {
-        args.extend(["--memnode", a]);
-    }
-    args.extend(["--local-limit", "8M", "--slab", "4M"]);
-    args.extend_from_slice(extra);
-    let mut pager = Pager::start(&args);
+    let ns = crate::nodes(nodes);
+    let mut pager = crate::pager_over(&ns, extra);
     let mut w = pager.workload("hold", "32M").arg("--seed", SEED).spawn();
     w.wait_for_line("written");
     let words: HashSet<u64> = (0..PAGES).map(|p| page_word(SEED, p, 0, 1)).collect();

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dmem_tests::{app_stats, arena_rss, stat, Pager};
+use dmem_tests::{app_stats, arena_rss, stat, Memnode, Pager};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -137,4 +137,25 @@ pub fn assert_all_released(pager: &Pager) {
         0,
         "remote slots leaked after every app ended: {v:#}"
     );
+}
+
+/// `n` memory nodes of 256M each.
+pub fn nodes(n: usize) -> Vec<Memnode> {
+    (0..n)
+        .map(|_| Memnode::start(&["--capacity", "256M"]))
+        .collect()
+}
+
+/// A pager over `nodes` at 8M local, with `extra` flags. Small slabs: an
+/// app's pages spread over several slabs (and replica groups), so every
+/// node (every pair of nodes) holds some of them.
+pub fn pager_over(nodes: &[Memnode], extra: &[&str]) -> Pager {
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr_string()).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for a in &addrs {
+        args.extend(["--memnode", a]);
+    }
+    args.extend(["--local-limit", "8M", "--slab", "4M"]);
+    args.extend_from_slice(extra);
+    Pager::start(&args)
 }

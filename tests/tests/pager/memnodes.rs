@@ -339,3 +339,82 @@ fn no_memnode_warns_once_not_per_batch() {
             .join("\n")
     );
 }
+
+/// Memory nodes on two other "hosts" (network namespaces behind veth
+/// pairs, with a token), a pager here with `replicas` copies over both.
+/// With the app's data written, node 0's link is cut (`ip link set down`)
+/// for 3 s while the app reads everything back, then restored: the app
+/// finishes with every byte right. With one replica its reads from node 0
+/// wait out the cut; with two they go to node 1.
+fn veth_cut(test: &str, replicas: &str) {
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        match dmem_tests::netns::Netns::create() {
+            Ok(ns) => hosts.push(ns),
+            Err(reason) => return dmem_tests::skip(test, &reason),
+        }
+    }
+    let dir = dmem_tests::TempDir::new("veth-cut");
+    let token = dir.write("token", b"veth cut token 0123456789abcdef");
+    let tf = token.to_str().unwrap();
+    let nodes: Vec<Memnode> = hosts
+        .iter()
+        .map(|h| {
+            let listen = format!("{}:0", h.ns_ip);
+            Memnode::start_wrapped(
+                &h.wrapper(),
+                &[
+                    "--listen",
+                    &listen,
+                    "--token-file",
+                    tf,
+                    "--capacity",
+                    "256M",
+                ],
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr_string()).collect();
+    let mut pager = Pager::start(&[
+        "--memnode",
+        &addrs[0],
+        "--memnode",
+        &addrs[1],
+        "--token-file",
+        tf,
+        "--replicas",
+        replicas,
+        "--local-limit",
+        "8M",
+        "--slab",
+        "4M",
+    ]);
+    let mut w = pager.workload("hold", "32M").spawn();
+    w.wait_for_line("written");
+    let v = pager.stats();
+    assert!(
+        stat(&v["memnodes"][0], &["leased_bytes"]) > 0,
+        "nothing on node 0 to cut off: {v:#}"
+    );
+    dmem_tests::netns::ip(&["link", "set", &hosts[0].host_if, "down"]).expect("cut the link");
+    w.release();
+    std::thread::sleep(Duration::from_secs(3));
+    dmem_tests::netns::ip(&["link", "set", &hosts[0].host_if, "up"]).expect("restore the link");
+    w.wait().assert_ok();
+    pager.assert_alive();
+    let v = pager.stats();
+    assert!(stat(&v["total"], &["faults", "remote"]) > 0, "{v:#}");
+    assert_all_released(&pager);
+}
+
+/// A cut veth link with one replica: the app's faults wait out the cut.
+#[test]
+fn a_cut_veth_link_is_waited_out() {
+    veth_cut("a_cut_veth_link_is_waited_out", "1");
+}
+
+/// A cut veth link with two replicas: reads go to the other node.
+#[test]
+fn a_cut_veth_link_is_read_around_with_replicas() {
+    veth_cut("a_cut_veth_link_is_read_around_with_replicas", "2");
+}

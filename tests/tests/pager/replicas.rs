@@ -4,28 +4,9 @@
 
 use std::time::Duration;
 
-use dmem_tests::{eventually, stat, Memnode, Pager};
+use dmem_tests::{eventually, stat, Pager};
 
-use crate::assert_all_released;
-
-fn nodes(n: usize) -> Vec<Memnode> {
-    (0..n)
-        .map(|_| Memnode::start(&["--capacity", "256M"]))
-        .collect()
-}
-
-fn pager_over(nodes: &[Memnode], extra: &[&str]) -> Pager {
-    let addrs: Vec<String> = nodes.iter().map(|n| n.addr_string()).collect();
-    let mut args: Vec<&str> = Vec::new();
-    for a in &addrs {
-        args.extend(["--memnode", a]);
-    }
-    // Small slabs: the app's pages spread over several replica groups, so
-    // every pair of nodes holds some of them.
-    args.extend(["--local-limit", "8M", "--slab", "4M"]);
-    args.extend_from_slice(extra);
-    Pager::start(&args)
-}
+use crate::{assert_all_released, nodes, pager_over};
 
 /// Indexes of the nodes the pager has leased slabs on.
 fn leased_nodes(v: &serde_json::Value) -> Vec<usize> {
