@@ -159,3 +159,14 @@ pub fn pager_over(nodes: &[Memnode], extra: &[&str]) -> Pager {
     args.extend_from_slice(extra);
     Pager::start(&args)
 }
+
+/// The app finishes with every byte right, having faulted pages in from a
+/// memory node; the pager is alive and has released everything.
+#[track_caller]
+pub fn finishes_having_paged(w: dmem_tests::RunningWorkload, pager: &mut Pager) {
+    w.wait().assert_ok();
+    pager.assert_alive();
+    let v = pager.stats();
+    assert!(stat(&v["total"], &["faults", "remote"]) > 0, "{v:#}");
+    assert_all_released(pager);
+}

@@ -400,11 +400,7 @@ fn veth_cut(test: &str, replicas: &str) {
     w.release();
     std::thread::sleep(Duration::from_secs(3));
     dmem_tests::netns::ip(&["link", "set", &hosts[0].host_if, "up"]).expect("restore the link");
-    w.wait().assert_ok();
-    pager.assert_alive();
-    let v = pager.stats();
-    assert!(stat(&v["total"], &["faults", "remote"]) > 0, "{v:#}");
-    assert_all_released(&pager);
+    crate::finishes_having_paged(w, &mut pager);
 }
 
 /// A cut veth link with one replica: the app's faults wait out the cut.

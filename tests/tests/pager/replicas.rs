@@ -70,11 +70,7 @@ fn reads_fall_back_to_the_other_replica_when_a_node_dies() {
     w.wait_for_line("written");
     ns[1].kill9();
     w.release();
-    w.wait().assert_ok();
-    pager.assert_alive();
-    let v = pager.stats();
-    assert!(stat(&v["total"], &["faults", "remote"]) > 0, "{v:#}");
-    assert_all_released(&pager);
+    crate::finishes_having_paged(w, &mut pager);
 }
 
 /// Replicas need as many memory nodes: a clear error at start.
