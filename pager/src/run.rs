@@ -335,7 +335,11 @@ fn app_figures(socket: &Path, pid: i32, private: bool) -> Option<Value> {
             .is_some_and(|a| a.iter().any(|x| !private || x["pid"] == pid));
         if !live || t.elapsed() > Duration::from_secs(3) {
             if private {
-                return Some(v["total"].clone());
+                // The run's own pager: its settings and nodes belong to it.
+                let mut t = v["total"].clone();
+                t["pager"] = v["pager"].clone();
+                t["memnodes"] = v["memnodes"].clone();
+                return Some(t);
             }
             return v["ended_apps"]
                 .as_array()?

@@ -39,10 +39,17 @@ struct Run {
 
 /// `dmem run --local-limit LIMIT --stats-json ... -- cmd`.
 fn dmem_run(limit: &str, cmd: &[&str], env: &[(&str, &str)]) -> Run {
+    dmem_run_with(limit, &[], cmd, env)
+}
+
+/// `dmem run --local-limit LIMIT FLAGS... --stats-json ... -- cmd`.
+fn dmem_run_with(limit: &str, flags: &[&str], cmd: &[&str], env: &[(&str, &str)]) -> Run {
     let dir = TempDir::new("shim-run");
     let stats = dir.path().join("stats.json");
     let mut c = Command::new(bin_path("dmem"));
-    c.args(["run", "--local-limit", limit, "--stats-json"])
+    c.args(["run", "--local-limit", limit])
+        .args(flags)
+        .arg("--stats-json")
         .arg(&stats)
         .arg("--")
         .args(cmd);
@@ -132,6 +139,30 @@ fn c_heap_four_times_the_limit_sequential_and_random() {
     assert!(
         peak > 0 && peak <= 24 << 20,
         "peak local {peak} above the 24M limit"
+    );
+}
+
+/// `dmem run --replicas 2 --encrypt`: two loopback memory nodes, both
+/// holding every page, sealed; the C heap at 4x the limit gives the plain
+/// run's output.
+#[test]
+fn dmem_run_with_replicas_and_encryption_matches_a_plain_run() {
+    let bin = heap_bin();
+    let cmd = [bin.to_str().unwrap(), "seq-random", "64"];
+    let (st, want, err) = run_cmd(Command::new(cmd[0]).args(&cmd[1..]));
+    assert!(st.success(), "plain run failed: {err}");
+    let r = dmem_run_with("16M", &["--replicas", "2", "--encrypt"], &cmd, &[]);
+    assert_eq!(r.code, 0, "under dmem: {}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout == want, "output differs from the plain run");
+    assert_paged(&r, "replicas and encryption");
+    assert_eq!(r.stats["pager"]["replicas"], 2, "{}", r.stats);
+    assert_eq!(r.stats["pager"]["encrypt"], true, "{}", r.stats);
+    let nodes = r.stats["memnodes"].as_array().expect("memnodes");
+    assert_eq!(nodes.len(), 2, "{}", r.stats);
+    assert!(
+        nodes.iter().all(|m| m["leased_bytes"].as_u64() > Some(0)),
+        "every page should be on both nodes: {}",
+        r.stats
     );
 }
 
