@@ -431,9 +431,20 @@ fn drop_pages(entries: &[wire::EvictEntry], status: &mut [EvictStatus]) {
             j += 1;
         }
         if sys::dontneed(entries[i].addr, (j - i) * PAGE).is_err() {
+            // The call dropped what was mapped before it failed (a hole:
+            // ENOMEM after the whole range). Never drop a page twice: each
+            // drop raises a REMOVE, and a second one is taken for the
+            // app's own and forgets the page. Only pages still in memory
+            // are dropped again; unmapped ones are left to the mapping.
             for k in i..j {
-                if sys::dontneed(entries[k].addr, PAGE).is_err() {
-                    status[k] = EvictStatus::Unmapped;
+                match sys::page_resident(entries[k].addr) {
+                    None => status[k] = EvictStatus::Unmapped,
+                    Some(true) => {
+                        if sys::dontneed(entries[k].addr, PAGE).is_err() {
+                            status[k] = EvictStatus::Unmapped;
+                        }
+                    }
+                    Some(false) => {}
                 }
             }
         }

@@ -308,8 +308,23 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                     }
                 }
                 // Copied and dropped at its origin: the REMOVE of that
-                // drop clears (or has cleared) OUR_REMOVE.
-                EvictStatus::Done => {}
+                // drop clears (or has cleared) OUR_REMOVE. If the app moved
+                // the page since and it is present where it went, the data
+                // travelled with the mapping instead (the agent read and
+                // dropped whatever was left at the origin: an mremap with
+                // MREMAP_DONTUNMAP leaves it mapped and empty).
+                EvictStatus::Done => {
+                    if page != v.page && sys::pages_present(s.pid, &[page]) == [true] {
+                        release(v.frame);
+                        if let Some(m) = st.table.get_mut(page) {
+                            m.clear(flag::OUR_REMOVE);
+                            m.set(flag::DIRTY);
+                        }
+                        st.place(page, Place::Resident);
+                        st.push_resident(page);
+                        continue;
+                    }
+                }
             }
             c.add(&c.evictions, 1);
             if v.frame != NO_FRAME {

@@ -304,65 +304,85 @@ enum Failed {
     Corrupt(Option<usize>, u64),
 }
 
-/// Reads `slots` again after `failed`, leaving out every node that failed
-/// so far, until every page arrives intact or no replica is left. Returns
-/// the last failure, worded for the app, when none is left.
+/// Reads `slots` again after `failed`, page by page, each from its own
+/// replicas minus the nodes that failed it (a node that failed the whole
+/// batch is left out for every page; a corrupt copy only for its page),
+/// until every page arrives intact. Returns the failure, worded for the
+/// app, of a page with no replica left.
 fn refetch(
     pager: &Pager,
     slots: &[u32],
     pages: &[Claimed],
     out: &mut [u8],
     scratch: &mut Vec<u8>,
-    mut failed: Failed,
+    failed: Failed,
 ) -> Result<(), String> {
-    let addr = pages.first().map_or(0, |c| c.page);
-    let mut avoid = Vec::new();
-    let mut why;
-    loop {
-        let node_name = |n: usize| {
-            pager
-                .space
-                .nodes()
-                .get(n)
-                .map_or_else(|| "(none left)".to_owned(), |t| t.addr().to_owned())
-        };
-        match failed {
-            Failed::Read(n, e) => {
-                why = format!(
-                    "page {addr:#x} could not be fetched from memory node {}: {e}",
-                    node_name(n)
-                );
-                if n == usize::MAX {
-                    return Err(why);
-                }
+    let node_name = |n: usize| {
+        pager
+            .space
+            .nodes()
+            .get(n)
+            .map_or_else(|| "(none left)".to_owned(), |t| t.addr().to_owned())
+    };
+    let read_failed = |addr: u64, n: usize, e: &str| {
+        format!(
+            "page {addr:#x} could not be fetched from memory node {}: {e}",
+            node_name(n)
+        )
+    };
+    let corrupt = |n: Option<usize>, page: u64| {
+        format!(
+            "memory node {} returned a corrupted page for address {page:#x} \
+             (checksum or authentication mismatch); refusing to serve it",
+            n.map_or_else(|| "?".to_owned(), node_name)
+        )
+    };
+    let (mut why, batch_avoid, bad_page) = match failed {
+        Failed::Read(n, e) => (
+            read_failed(pages.first().map_or(0, |c| c.page), n, &e),
+            Some(n),
+            None,
+        ),
+        Failed::Corrupt(n, page) => (corrupt(n, page), None, Some((n, page))),
+    };
+    if pager.space.replicas() < 2 {
+        return Err(why);
+    }
+    tracing::warn!("{why}; trying the other replicas");
+    for (i, c) in pages.iter().enumerate() {
+        let mut avoid: Vec<usize> = batch_avoid
+            .filter(|&n| n != usize::MAX)
+            .into_iter()
+            .collect();
+        if let Some((Some(n), page)) = bad_page {
+            if page == c.page {
                 avoid.push(n);
             }
-            Failed::Corrupt(n, page) => {
-                why = format!(
-                    "memory node {} returned a corrupted page for address {page:#x} \
-                     (checksum or authentication mismatch); refusing to serve it",
-                    n.map_or_else(|| "?".to_owned(), node_name)
-                );
-                match n {
-                    Some(n) => avoid.push(n),
-                    None => return Err(why),
+        }
+        let dst = &mut out[i * PAGE..(i + 1) * PAGE];
+        loop {
+            let b = Batch::read(&pager.space, &slots[i..=i], &avoid);
+            match b.post_read().and_then(|p| b.finish_read(p, dst, scratch)) {
+                Err((n, e)) if n == usize::MAX => return Err(format!("{why}; {e}")),
+                Err((n, e)) => {
+                    why = read_failed(c.page, n, &e.to_string());
+                    avoid.push(n);
+                }
+                Ok(()) => {
+                    if first_corrupt(pager, std::slice::from_ref(c), dst).is_none() {
+                        break;
+                    }
+                    let n = b.node_of(0);
+                    why = corrupt(n, c.page);
+                    match n {
+                        Some(n) => avoid.push(n),
+                        None => return Err(why),
+                    }
                 }
             }
         }
-        if pager.space.replicas() < 2 {
-            return Err(why);
-        }
-        tracing::warn!("{why}; trying another replica");
-        let b = Batch::read(&pager.space, slots, &avoid);
-        failed = match b.post_read().and_then(|p| b.finish_read(p, out, scratch)) {
-            Err((n, e)) if n == usize::MAX => return Err(format!("{why}; {e}")),
-            Err((n, e)) => Failed::Read(n, e.to_string()),
-            Ok(()) => match first_corrupt(pager, pages, out) {
-                None => return Ok(()),
-                Some(i) => Failed::Corrupt(b.node_of(i), pages[i].page),
-            },
-        };
     }
+    Ok(())
 }
 
 /// Opens sealed pages (`--encrypt`) in place and checks every page against

@@ -92,6 +92,8 @@ pub struct SlotSpace {
     born: Instant,
     /// Pages copied to new replicas by rebuilds.
     rebuilt_pages: AtomicU64,
+    /// When a failed rebuild was last warned about (ms since `born`).
+    rebuild_warned_ms: AtomicU64,
 }
 
 /// Smallest slab the pager leases: smaller ones would cost a lease round
@@ -140,6 +142,7 @@ impl SlotSpace {
             leasing: Mutex::new(()),
             born: Instant::now(),
             rebuilt_pages: AtomicU64::new(0),
+            rebuild_warned_ms: AtomicU64::new(0),
         }
     }
 
@@ -597,7 +600,16 @@ impl SlotSpace {
                 true
             }
             Err(e) => {
-                warn!("rebuilding a replica group failed, will retry: {e}");
+                // Retried every step; say so once a minute at most (with N
+                // replicas and N nodes a lost one cannot be replaced).
+                let now = self.born.elapsed().as_millis() as u64;
+                let last = self.rebuild_warned_ms.load(Ordering::Relaxed);
+                if last == 0 || now >= last + 60_000 {
+                    self.rebuild_warned_ms.store(now.max(1), Ordering::Relaxed);
+                    warn!("rebuilding a replica group failed, will keep trying: {e}");
+                } else {
+                    tracing::debug!("rebuilding a replica group failed: {e}");
+                }
                 false
             }
         }

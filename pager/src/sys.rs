@@ -218,6 +218,34 @@ pub fn munmap_raw(addr: u64, len: usize) -> Result<(), Errno> {
     }
 }
 
+/// Whether the page at `addr` is in memory in this process: `None` when
+/// nothing is mapped there (mincore's ENOMEM). Never faults.
+pub fn page_resident(addr: u64) -> Option<bool> {
+    let mut vec = [0u8; 1];
+    // SAFETY: mincore only reads page tables and writes one byte per page
+    // of the range (one page here) into `vec`.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, PAGE, vec.as_mut_ptr()) };
+    (rc == 0).then_some(vec[0] & 1 != 0)
+}
+
+/// Which of `pages` are present in process `pid`'s page tables, from
+/// `/proc/PID/pagemap` (bit 63; readable without privileges). A process
+/// that is gone has none.
+pub fn pages_present(pid: i32, pages: &[u64]) -> Vec<bool> {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
+        return vec![false; pages.len()];
+    };
+    pages
+        .iter()
+        .map(|&p| {
+            let mut e = [0u8; 8];
+            f.read_exact_at(&mut e, p / PAGE as u64 * 8).is_ok()
+                && u64::from_le_bytes(e) & (1 << 63) != 0
+        })
+        .collect()
+}
+
 /// Reads `len` bytes at `offset` of a mapping into `out` (bounds checked).
 pub fn mapping_read(m: &Mapping, offset: usize, out: &mut [u8]) {
     assert!(offset + out.len() <= m.len, "mapping read out of bounds");

@@ -98,7 +98,7 @@ fn corrupted_pages_are_read_from_another_replica() {
     let (out, log) = corrupt_node0_then_read_back(2, &["--replicas", "2"]);
     out.assert_ok();
     assert!(
-        log.contains("corrupted page") && log.contains("trying another replica"),
+        log.contains("corrupted page") && log.contains("trying the other replicas"),
         "no damaged page was read, so nothing was tested:\n{log}"
     );
 }
