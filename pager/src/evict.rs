@@ -286,12 +286,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                     // (Were it unmapped, its UNMAP would have made it Zero
                     // already, or will.)
                     release(v.frame);
-                    if let Some(m) = st.table.get_mut(page) {
-                        m.clear(flag::OUR_REMOVE);
-                        m.set(flag::DIRTY);
-                    }
-                    st.place(page, Place::Resident);
-                    st.push_resident(page);
+                    stays_resident(&mut st, page);
                     continue;
                 }
                 EvictStatus::Moved => {
@@ -316,12 +311,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                 EvictStatus::Done => {
                     if page != v.page && sys::pages_present(s.pid, &[page]) == [true] {
                         release(v.frame);
-                        if let Some(m) = st.table.get_mut(page) {
-                            m.clear(flag::OUR_REMOVE);
-                            m.set(flag::DIRTY);
-                        }
-                        st.place(page, Place::Resident);
-                        st.push_resident(page);
+                        stays_resident(&mut st, page);
                         continue;
                     }
                 }
@@ -386,6 +376,18 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
     );
     Latencies::record(&s.lat.evict, t0.elapsed());
     true
+}
+
+/// A victim whose data stayed in the app (it travelled with an mremap):
+/// it is resident again, and dirty (its write-protection is not relied on
+/// after a move).
+fn stays_resident(st: &mut crate::session::State, page: u64) {
+    if let Some(m) = st.table.get_mut(page) {
+        m.clear(flag::OUR_REMOVE);
+        m.set(flag::DIRTY);
+    }
+    st.place(page, Place::Resident);
+    st.push_resident(page);
 }
 
 /// Whether a page holds only zero bytes.
