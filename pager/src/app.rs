@@ -423,13 +423,8 @@ fn drop_pages(entries: &[wire::EvictEntry], status: &mut [EvictStatus]) {
             i += 1;
             continue;
         }
-        let mut j = i + 1;
-        while j < entries.len()
-            && entries[j].addr == entries[j - 1].addr + PAGE as u64
-            && !keep(j, status)
-        {
-            j += 1;
-        }
+        let end = run_end(entries, i);
+        let j = (i + 1..end).find(|&k| keep(k, status)).unwrap_or(end);
         if sys::dontneed(entries[i].addr, (j - i) * PAGE).is_err() {
             // The call dropped what was mapped before it failed (a hole:
             // ENOMEM after the whole range). Never drop a page twice: each

@@ -278,10 +278,6 @@ impl SlotSpace {
         &self.nodes
     }
 
-    pub fn node(&self, i: usize) -> &Arc<dyn Transport> {
-        &self.nodes[i]
-    }
-
     fn location(&self, g: &Group, r: usize, s: u32) -> Location {
         Location {
             node: g.nodes[r],
@@ -316,13 +312,6 @@ impl SlotSpace {
                 )
             })
             .map(|r| self.location(g, r, s))
-    }
-
-    /// Where a read of slot `s` goes (for messages: the node named when a
-    /// fetch fails).
-    pub fn locate(&self, s: u32) -> Location {
-        self.read_location(s, &[])
-            .expect("a group has at least one replica")
     }
 
     /// Takes `n` fresh slots (refcount 1) in groups whose nodes are all up,

@@ -846,7 +846,6 @@ impl Session {
         }
         // A write-back in flight for the old addresses will find nothing to
         // complete; the frames now belong to the new addresses.
-        let _ = pager;
     }
 
     /// Releases everything the app held: frames, slots.
