@@ -13,6 +13,7 @@
 # on the others). Any workload failure, or the pager dying, fails the run
 # at once and keeps the logs. Run it on the machine you are about to trust
 # (default: 60 minutes, 3 nodes, 2 replicas, 256M at 64M local).
+# DMEM_BIN=DIR takes the binaries from DIR instead of target/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +33,7 @@ if [ "$replicas" -gt "$nodes" ]; then
   echo "soak: --replicas $replicas needs at least as many --nodes" >&2; exit 2
 fi
 
-bin=target/release
+bin=${DMEM_BIN:-target/release}
 [ -x "$bin/dmem-workload" ] || scripts/setup.sh
 work=$(mktemp -d /tmp/dmem-soak.XXXXXX)
 declare -a pids=() ports=()
