@@ -12,7 +12,7 @@
 //! resumes the session and is simply sent again.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +38,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// How long a request write may block before the writer checks for
 /// replies to read (see `Conn::write_frame`).
 const WRITE_STALL: Duration = Duration::from_millis(5);
+/// The reply reader's buffer: room for many small replies (write acks) per
+/// system call, while a READ reply's data mostly bypasses it.
+const READ_BUFFER: usize = 32 << 10;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -193,7 +196,7 @@ impl Conn {
                     && h.len as usize == dest.len()
                     && !dest.is_empty();
                 if direct {
-                    r.read_exact(dest)?;
+                    read_bypassing(r, dest)?;
                     return Ok((
                         h,
                         RawReply {
@@ -748,6 +751,17 @@ fn read_frame(r: &mut impl Read) -> io::Result<(Header, Vec<u8>)> {
     Ok((h, payload))
 }
 
+/// Fills `dest` from what `r` has buffered, then straight from the socket:
+/// a READ reply lands in the caller's buffer with one copy out of the
+/// kernel. Through the 1 MiB buffer every reply shorter than it was copied
+/// twice (a tenth of the pager's time in a sequential scan).
+fn read_bypassing(r: &mut BufReader<TcpStream>, dest: &mut [u8]) -> io::Result<()> {
+    let buffered = r.buffer().len().min(dest.len());
+    dest[..buffered].copy_from_slice(&r.buffer()[..buffered]);
+    r.consume(buffered);
+    r.get_mut().read_exact(&mut dest[buffered..])
+}
+
 fn read_header(r: &mut impl Read) -> io::Result<Header> {
     let mut raw = [0u8; HEADER_LEN];
     r.read_exact(&mut raw)?;
@@ -868,7 +882,7 @@ fn open(
     let conn = Arc::new(Conn {
         generation,
         writer: Mutex::new(clone(&s)?),
-        reader: Mutex::new(BufReader::with_capacity(1 << 20, clone(&s)?)),
+        reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, clone(&s)?)),
         stream: s,
         pending: Mutex::new(HashMap::new()),
         blocked: Mutex::new(Vec::new()),

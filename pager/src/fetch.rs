@@ -183,29 +183,39 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// Prefetched pages per read request. A window is read as several
+/// requests, all posted at once, and each is checked and installed as it
+/// lands: the app can use the window's first pages while the rest are on
+/// the wire, and installing overlaps the node's sending (one request for a
+/// whole 2 MiB window left the app waiting for all of it).
+const PREFETCH_CHUNK: usize = 64;
+
 /// Runs a fetch job on a worker thread.
 pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
     let s = &job.session;
     let reservation = Reservation(s, job.demand.len());
     let t0 = Instant::now();
     let demand_slots: Vec<u32> = job.demand.iter().map(|c| c.slot).collect();
-    let pf_slots: Vec<u32> = job.prefetch.iter().map(|c| c.slot).collect();
     let demand = Batch::read(&pager.space, &demand_slots, &[]);
-    let pf = Batch::read(&pager.space, &pf_slots, &[]);
+    let chunks: Vec<Batch> = job
+        .prefetch
+        .chunks(PREFETCH_CHUNK)
+        .map(|ch| {
+            let slots: Vec<u32> = ch.iter().map(|c| c.slot).collect();
+            Batch::read(&pager.space, &slots, &[])
+        })
+        .collect();
     let dbuf = sized(&mut bufs.demand, demand_slots.len() * PAGE);
-    let pbuf = sized(&mut bufs.prefetch, pf_slots.len() * PAGE);
+    let pbuf = sized(&mut bufs.prefetch, job.prefetch.len() * PAGE);
     let scratch = &mut bufs.scratch;
-    // Post both, then wait: the prefetch travels while the demand installs.
+    // Post everything, then wait: the prefetch travels while the demand
+    // installs.
     let dpost = if job.demand.is_empty() {
         Ok(Vec::new())
     } else {
         demand.post_read()
     };
-    let ppost = if job.prefetch.is_empty() {
-        Ok(Vec::new())
-    } else {
-        pf.post_read()
-    };
+    let posted: Vec<_> = chunks.iter().map(Batch::post_read).collect();
     let c = &s.counters;
     if !job.demand.is_empty() {
         let first = dpost
@@ -236,48 +246,66 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
         );
     }
     drop(reservation);
-    if job.prefetch.is_empty() {
-        return;
+    for (k, (batch, post)) in chunks.iter().zip(posted).enumerate() {
+        let at = k * PREFETCH_CHUNK;
+        let pages = &job.prefetch[at..(at + PREFETCH_CHUNK).min(job.prefetch.len())];
+        let data = &mut pbuf[at * PAGE..(at + pages.len()) * PAGE];
+        let fetched = post
+            .and_then(|p| batch.finish_read(p, data, scratch))
+            .is_ok();
+        if !fetched || first_corrupt(pager, pages, data).is_some() {
+            // Just give the pages back: a demand fault on one of them tries
+            // every replica, and reports data that is truly gone.
+            let mut st = s.lock();
+            revert(s, &mut st, pages);
+            continue;
+        }
+        c.add(&c.bytes_fetched, data.len() as u64);
+        install_prefetched(s, pager, pages, data, job.marker, job.write);
     }
-    let fetched = ppost.and_then(|p| pf.finish_read(p, pbuf, scratch)).is_ok();
-    if !fetched || first_corrupt(pager, &job.prefetch, pbuf).is_some() {
-        // Just give the pages back: a demand fault on one of them tries
-        // every replica, and reports data that is truly gone.
-        let mut st = s.lock();
-        revert(s, &mut st, &job.prefetch);
-        return;
-    }
-    c.add(&c.bytes_fetched, pbuf.len() as u64);
     tracing::debug!(
         session = s.id,
         pages = job.prefetch.len(),
-        first = format!("{:#x}", job.prefetch[0].page),
+        first = ?job.prefetch.first().map(|c| format!("{:#x}", c.page)),
         marker = ?job.marker,
         "prefetched"
     );
-    // Room is decided as each run goes in, not when the window was planned:
-    // the evictor made room while the data travelled (it counts pages in
-    // flight). Pages beyond the room go back to the memory node; the
-    // marker goes to the cache tier, where its fault starts the next window.
-    let marker = job
-        .marker
-        .and_then(|m| job.prefetch.iter().position(|c| c.page == m));
-    let n = job.prefetch.len();
+}
+
+/// Installs a run of prefetched pages. Room is decided as each run goes
+/// in, not when the window was planned: the evictor made room while the
+/// data travelled (it counts pages in flight). Pages beyond the room go
+/// back to the memory node; the window's marker goes to the cache tier,
+/// where its fault starts the next window.
+fn install_prefetched(
+    s: &Session,
+    pager: &Pager,
+    pages: &[Claimed],
+    data: &[u8],
+    marker: Option<u64>,
+    write: bool,
+) {
+    let n = pages.len();
+    let marker = marker.and_then(|m| pages.iter().position(|c| c.page == m));
     let runs = match marker {
         Some(k) => [(0, k), (k + 1, n)],
         None => [(0, n), (n, n)],
     };
     for (a, b) in runs {
-        let (pages, data) = (&job.prefetch[a..b], &pbuf[a * PAGE..b * PAGE]);
-        install(s, pager, pages, data, None, job.write, true);
+        if a < b {
+            install(
+                s,
+                pager,
+                &pages[a..b],
+                &data[a * PAGE..b * PAGE],
+                None,
+                write,
+                true,
+            );
+        }
     }
     if let Some(k) = marker {
-        to_cache(
-            s,
-            pager,
-            &job.prefetch[k..=k],
-            &pbuf[k * PAGE..(k + 1) * PAGE],
-        );
+        to_cache(s, pager, &pages[k..=k], &data[k * PAGE..(k + 1) * PAGE]);
     }
 }
 
