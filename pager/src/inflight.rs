@@ -8,15 +8,42 @@
 //! agent's own `MADV_DONTNEED`.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Page addresses are already unique keys: a multiply-fold hash does, and
+/// SipHash cost more than the map itself on the eviction path.
+#[derive(Default)]
+struct PageHasher(u64);
+
+impl Hasher for PageHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        // Drop the in-page bits (always zero), spread the rest over both
+        // halves: the table indexes by the low bits.
+        let h = (x >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 29);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type PageMap<V> = HashMap<u64, V, BuildHasherDefault<PageHasher>>;
 
 /// Victims in flight: origin ↔ current address.
 #[derive(Debug, Default)]
 pub struct InFlight {
     /// Origin → current address (`None`: another page was moved over it,
     /// its state is gone).
-    now: HashMap<u64, Option<u64>>,
+    now: PageMap<Option<u64>>,
     /// Current address → origin.
-    origin: HashMap<u64, u64>,
+    origin: PageMap<u64>,
 }
 
 impl InFlight {
