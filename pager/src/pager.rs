@@ -2,6 +2,7 @@
 //! all memory nodes, the fetch worker pool and the live sessions.
 
 use std::collections::VecDeque;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,6 +49,35 @@ fn memnode_message(addr: &str, source: &RemoteError) -> String {
     } else {
         format!("cannot reach memory node {addr}: {text}")
     }
+}
+
+/// Refuses a memory node listed twice, under the same name or two names
+/// for one address (`localhost:7000`, `127.0.0.1:7000`): the pager would
+/// count it as two nodes, and two replicas of a page could then sit on one
+/// machine. A name that does not resolve is left to the connect to report.
+fn distinct_memnodes(addrs: &[String]) -> Result<(), String> {
+    let resolved: Vec<Vec<SocketAddr>> = addrs
+        .iter()
+        .map(|a| {
+            a.to_socket_addrs()
+                .map(Iterator::collect)
+                .unwrap_or_default()
+        })
+        .collect();
+    for (i, a) in addrs.iter().enumerate() {
+        for (j, b) in addrs.iter().enumerate().skip(i + 1) {
+            let same = a == b || resolved[i].iter().any(|x| resolved[j].contains(x));
+            if same {
+                return Err(format!(
+                    "--memnode {a} and --memnode {b} (#{} and #{}) are the same memory node; \
+                     list each node once",
+                    i + 1,
+                    j + 1
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +176,7 @@ impl Pager {
                 cfg.memnodes.len()
             )));
         }
+        distinct_memnodes(&cfg.memnodes).map_err(PagerError::Config)?;
         let mut nodes: Vec<Arc<dyn Transport>> = Vec::new();
         for addr in &cfg.memnodes {
             let mut cc = ClientConfig::new(addr.clone());

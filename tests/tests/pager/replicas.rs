@@ -92,3 +92,26 @@ fn more_replicas_than_memnodes_is_refused() {
     .expect("a pager with --replicas 3 over 2 nodes must not start");
     assert!(err.contains("--replicas 3"), "{err}");
 }
+
+#[test]
+fn a_memnode_listed_twice_is_refused() {
+    let ns = nodes(1);
+    let addr = ns[0].addr_string();
+    let port = addr.rsplit(':').next().expect("host:port").to_owned();
+    // The same name twice, and two names for one address.
+    for other in [addr.clone(), format!("localhost:{port}")] {
+        let err = Pager::try_start(&[
+            "--memnode",
+            &addr,
+            "--memnode",
+            &other,
+            "--local-limit",
+            "8M",
+            "--replicas",
+            "2",
+        ])
+        .err()
+        .expect("a pager with one node listed twice must not start");
+        assert!(err.contains("are the same memory node"), "{err}");
+    }
+}
