@@ -379,6 +379,20 @@ impl Client {
         lock(&self.shared.welcome).clone()
     }
 
+    /// Opens a new session in place of one the node no longer has (it
+    /// restarted, or the lease grace passed): that session's slabs are
+    /// gone, and requests from now on run in the new, empty one.
+    pub fn renew(&self) -> Result<(), ClientError> {
+        let mut current = lock(&self.shared.conn);
+        current.kill();
+        let (conn, welcome) = open(&self.shared.cfg, None, current.generation + 1)?;
+        info!(addr = %self.shared.cfg.addr, session = welcome.session_id, "opened a new session");
+        *lock(&self.shared.session) = (welcome.session_id, welcome.resume_secret);
+        *lock(&self.shared.welcome) = welcome;
+        *current = conn;
+        Ok(())
+    }
+
     /// How many times the connection was re-established.
     pub fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::Relaxed)

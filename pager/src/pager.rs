@@ -248,13 +248,11 @@ impl Pager {
                 })
                 .map_err(|e| PagerError::Config(format!("cannot start workers: {e}")))?;
         }
-        if pager.cfg.replicas > 1 {
-            let weak = Arc::downgrade(&pager);
-            std::thread::Builder::new()
-                .name("dmem-rebuild".into())
-                .spawn(move || rebuild_loop(&weak))
-                .map_err(|e| PagerError::Config(format!("cannot start the rebuilder: {e}")))?;
-        }
+        let weak = Arc::downgrade(&pager);
+        std::thread::Builder::new()
+            .name("dmem-rebuild".into())
+            .spawn(move || rebuild_loop(&weak))
+            .map_err(|e| PagerError::Config(format!("cannot start the rebuilder: {e}")))?;
         Ok(pager)
     }
 
@@ -417,16 +415,18 @@ const REPLICA_RECONNECT: Duration = Duration::from_secs(2);
 /// With replicas, how long one request may wait for its reply.
 const REPLICA_REQUEST: Duration = Duration::from_secs(5);
 
-/// Watches the memory nodes and rebuilds replica groups that lost one, a
-/// group at a time, for as long as the pager lives.
+/// Watches the memory nodes, takes back lost ones that answer again, and
+/// (with replicas) rebuilds groups that lost a replica, a group at a time,
+/// for as long as the pager lives.
 fn rebuild_loop(pager: &std::sync::Weak<Pager>) {
     let mut beat = std::time::Instant::now();
     loop {
         let Some(p) = pager.upgrade() else { return };
-        if beat.elapsed() >= HEARTBEAT {
+        if p.cfg.replicas > 1 && beat.elapsed() >= HEARTBEAT {
             p.space.heartbeat();
             beat = std::time::Instant::now();
         }
+        p.space.readopt_lost();
         let rebuilt = p.space.rebuild_one(p.cfg.rebuild_rate);
         drop(p);
         if !rebuilt {

@@ -20,6 +20,11 @@
 //! once it answers again; any request that succeeds does the same. A group
 //! with a replica on a node lost (or down longer than
 //! [`REBUILD_AFTER`]) is rebuilt: see [`SlotSpace::rebuild_one`].
+//!
+//! A lost node that answers again is taken back with a new, empty session
+//! ([`SlotSpace::readopt_lost`]): its old replicas are marked gone first
+//! (their region ids meant something only in the old session), so no read
+//! goes there, and the groups that had one are rebuilt like any other.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,7 +49,8 @@ pub struct Location {
 struct Group {
     /// Node of each replica.
     nodes: Vec<usize>,
-    /// Region id of the replica's slab on its node.
+    /// Region id of the replica's slab on its node; [`GONE`] when the node
+    /// lost the session that held it.
     regions: Vec<u32>,
     refs: Vec<u8>,
     free: Vec<u32>,
@@ -75,6 +81,8 @@ struct Health {
     down_since_ms: AtomicU64,
     /// Recent read latency, µs (moving average; 0: not measured yet).
     read_us: AtomicU64,
+    /// When a lost node was last asked for a new session (ms since born).
+    renew_tried_ms: AtomicU64,
 }
 
 /// Slot placement over all memory nodes.
@@ -111,6 +119,10 @@ const PROBE_MAX_PAUSE: Duration = Duration::from_secs(2);
 pub const REBUILD_AFTER: Duration = Duration::from_secs(5);
 /// Pages copied per step of a rebuild (one read and one write each).
 const REBUILD_CHUNK: usize = 64;
+/// `Group::regions` entry of a replica whose node lost our session.
+const GONE: u32 = u32::MAX;
+/// How often a lost node is asked for a new session.
+const RENEW_EVERY: Duration = Duration::from_secs(2);
 
 /// Whether `e` says the node cannot be used (as opposed to the node
 /// answering with a refusal, such as Full).
@@ -118,7 +130,7 @@ fn node_unusable(e: &RemoteError) -> bool {
     match e {
         RemoteError::Client(ClientError::Server { .. }) => false,
         RemoteError::Client(_) | RemoteError::Rdma(_) => true,
-        RemoteError::OutOfSpace | RemoteError::NoNodes => false,
+        RemoteError::OutOfSpace | RemoteError::NoNodes | RemoteError::Renew(_) => false,
     }
 }
 
@@ -155,6 +167,16 @@ impl SlotSpace {
         !self.health[i].down.load(Ordering::Acquire)
     }
 
+    /// Whether replica `r` of `g` holds data on a node that is up.
+    fn replica_up(&self, g: &Group, r: usize) -> bool {
+        g.regions[r] != GONE && self.usable(g.nodes[r])
+    }
+
+    /// Whether replica `r` of `g` should be rebuilt elsewhere.
+    fn replica_gone(&self, g: &Group, r: usize) -> bool {
+        g.regions[r] == GONE || self.node_gone(g.nodes[r])
+    }
+
     /// Whether some replica of slot `s` lives on a node that is up (its
     /// copy can be counted on; a clean page without one is kept local).
     pub fn slot_usable(&self, s: u32) -> bool {
@@ -162,14 +184,12 @@ impl SlotSpace {
             return false;
         }
         let inner = crate::lock(&self.inner);
-        inner.groups[(s / self.slab_slots) as usize]
-            .nodes
-            .iter()
-            .any(|&n| self.usable(n))
+        let g = &inner.groups[(s / self.slab_slots) as usize];
+        (0..g.nodes.len()).any(|r| self.replica_up(g, r))
     }
 
     fn group_takes_slots(&self, g: &Group) -> bool {
-        !g.rebuilding && !g.free.is_empty() && g.nodes.iter().all(|&n| self.usable(n))
+        !g.rebuilding && !g.free.is_empty() && (0..g.nodes.len()).all(|r| self.replica_up(g, r))
     }
 
     fn node_may_lease(&self, inner: &Inner, i: usize) -> bool {
@@ -289,11 +309,14 @@ impl SlotSpace {
         }
     }
 
-    /// Every replica of slot `s`.
+    /// Every replica of slot `s` that still exists.
     pub fn replicas_of(&self, s: u32) -> Vec<Location> {
         let inner = crate::lock(&self.inner);
         let g = &inner.groups[(s / self.slab_slots) as usize];
-        (0..g.nodes.len()).map(|r| self.location(g, r, s)).collect()
+        (0..g.nodes.len())
+            .filter(|&r| g.regions[r] != GONE)
+            .map(|r| self.location(g, r, s))
+            .collect()
     }
 
     /// The replica of slot `s` a read should go to, leaving out `avoid`:
@@ -303,7 +326,7 @@ impl SlotSpace {
         let inner = crate::lock(&self.inner);
         let g = &inner.groups[(s / self.slab_slots) as usize];
         (0..g.nodes.len())
-            .filter(|&r| !avoid.contains(&g.nodes[r]))
+            .filter(|&r| g.regions[r] != GONE && !avoid.contains(&g.nodes[r]))
             .min_by_key(|&r| {
                 let n = g.nodes[r];
                 (
@@ -484,8 +507,10 @@ impl SlotSpace {
         let inner = crate::lock(&self.inner);
         let mut v = vec![0; self.nodes.len()];
         for g in &inner.groups {
-            for &n in &g.nodes {
-                v[n] += self.slab_bytes;
+            for (&n, &region) in g.nodes.iter().zip(&g.regions) {
+                if region != GONE {
+                    v[n] += self.slab_bytes;
+                }
             }
         }
         v
@@ -507,12 +532,60 @@ impl SlotSpace {
         inner
             .groups
             .iter()
-            .filter(|g| g.nodes.iter().any(|&n| !self.usable(n)))
+            .filter(|g| (0..g.nodes.len()).any(|r| !self.replica_up(g, r)))
             .count()
     }
 
     pub fn rebuilt_pages(&self) -> u64 {
         self.rebuilt_pages.load(Ordering::Relaxed)
+    }
+
+    /// Takes back lost nodes that answer again, with a new session each
+    /// (tried every [`RENEW_EVERY`]). Their replicas are marked gone before
+    /// the node counts as up, so that nothing reads or counts on them; the
+    /// rebuild then restores those groups, possibly onto the same node.
+    pub fn readopt_lost(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let h = &self.health[i];
+            let tried = h.renew_tried_ms.load(Ordering::Relaxed);
+            if !h.lost.load(Ordering::Acquire)
+                || (tried != 0 && now < tried + RENEW_EVERY.as_millis() as u64)
+            {
+                continue;
+            }
+            h.renew_tried_ms.store(now.max(1), Ordering::Relaxed);
+            if !node.reachable() {
+                continue;
+            }
+            if let Err(e) = node.renew() {
+                tracing::debug!(node = node.addr(), "no new session yet: {e}");
+                continue;
+            }
+            let gone = {
+                let mut inner = crate::lock(&self.inner);
+                let mut gone = 0;
+                for g in &mut inner.groups {
+                    for r in 0..g.nodes.len() {
+                        if g.nodes[r] == i && g.regions[r] != GONE {
+                            g.regions[r] = GONE;
+                            gone += 1;
+                        }
+                    }
+                }
+                inner.full_since[i] = None;
+                gone
+            };
+            h.lost.store(false, Ordering::Release);
+            h.down.store(false, Ordering::Release);
+            h.down_since_ms.store(0, Ordering::Release);
+            info!(
+                node = node.addr(),
+                replicas_gone = gone,
+                "lost memory node answers again: new session, placing pages on it; \
+                 the replicas it held are rebuilt"
+            );
+        }
     }
 
     /// Asks every node that is up for its free space (a real request: a
@@ -545,8 +618,8 @@ impl SlotSpace {
         let picked = {
             let mut inner = crate::lock(&self.inner);
             let found = inner.groups.iter().enumerate().find_map(|(gi, g)| {
-                let gone = g.nodes.iter().position(|&n| self.node_gone(n))?;
-                let survivor = g.nodes.iter().position(|&n| self.usable(n))?;
+                let gone = (0..g.nodes.len()).find(|&r| self.replica_gone(g, r))?;
+                let survivor = (0..g.nodes.len()).find(|&r| self.replica_up(g, r))?;
                 Some((gi, gone, survivor))
             });
             if let Some((gi, _, _)) = found {
@@ -563,7 +636,19 @@ impl SlotSpace {
         let Some((gi, gone, survivor, nodes, regions, used)) = picked else {
             return false;
         };
-        let done = self.copy_replica(gi, &nodes, &regions, survivor, &used, max_bytes_per_s);
+        // The new replica goes to a node holding none of the others (a
+        // node whose replica here is gone may take it).
+        let others: Vec<usize> = (0..nodes.len())
+            .filter(|&r| r != gone && regions[r] != GONE)
+            .map(|r| nodes[r])
+            .collect();
+        let done = self.copy_replica(
+            gi,
+            &others,
+            (nodes[survivor], regions[survivor]),
+            &used,
+            max_bytes_per_s,
+        );
         let mut inner = crate::lock(&self.inner);
         let g = &mut inner.groups[gi];
         g.rebuilding = false;
@@ -583,7 +668,7 @@ impl SlotSpace {
                 );
                 // Best effort: a node that comes back frees it at the end of
                 // its lease grace anyway.
-                if self.usable(old_node) {
+                if old_region != GONE && self.usable(old_node) {
                     let _ = self.nodes[old_node].release(old_region);
                 }
                 true
@@ -604,22 +689,22 @@ impl SlotSpace {
         }
     }
 
-    /// Leases a slab on a new node for group `gi` and copies `used` slots
-    /// into it from replica `survivor`. Returns the node and region.
+    /// Leases a slab on a node not in `exclude` for group `gi` and copies
+    /// `used` slots into it from the replica at `survivor` (node, region).
+    /// Returns the node and region.
     fn copy_replica(
         &self,
         gi: usize,
-        nodes: &[usize],
-        regions: &[u32],
-        survivor: usize,
+        exclude: &[usize],
+        survivor: (usize, u32),
         used: &[u32],
         max_bytes_per_s: u64,
     ) -> Result<(usize, u32), RemoteError> {
-        let Some(&node) = self.roomiest(1, nodes).first() else {
+        let Some(&node) = self.roomiest(1, exclude).first() else {
             return Err(RemoteError::OutOfSpace);
         };
         let region = self.lease_on(node)?;
-        let from = &self.nodes[nodes[survivor]];
+        let from = &self.nodes[survivor.0];
         let to = &self.nodes[node];
         let t0 = Instant::now();
         let mut buf = vec![0u8; REBUILD_CHUNK * PAGE];
@@ -637,7 +722,7 @@ impl SlotSpace {
                         .collect()
                 };
                 let data = &mut buf[..chunk.len() * PAGE];
-                from.post_read(&ext(regions[survivor]))?.wait(data)?;
+                from.post_read(&ext(survivor.1))?.wait(data)?;
                 to.post_write(&ext(region), data)?.wait(&mut [])?;
                 copied += data.len() as u64;
                 // Bounded rate: recovery must not starve the apps' faults.

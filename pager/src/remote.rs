@@ -21,6 +21,8 @@ pub enum RemoteError {
     NoNodes,
     #[error("RDMA: {0}")]
     Rdma(String),
+    #[error("a {0} transport cannot open a new session with a node that lost ours")]
+    Renew(&'static str),
 }
 
 /// A request in flight; `wait` fills `out` (reads) or just acknowledges.
@@ -49,6 +51,11 @@ pub trait Transport: Send + Sync {
     /// Drops the connection as a network failure would (tests and fault
     /// injection); the next request reconnects.
     fn interrupt(&self);
+    /// Starts a new, empty session with a node that lost ours, so that it
+    /// can take pages again.
+    fn renew(&self) -> Result<(), RemoteError> {
+        Err(RemoteError::Renew(self.kind()))
+    }
 }
 
 pub struct TcpTransport {
@@ -115,6 +122,9 @@ impl Transport for TcpTransport {
     }
     fn interrupt(&self) {
         self.client.break_connection();
+    }
+    fn renew(&self) -> Result<(), RemoteError> {
+        Ok(self.client.renew()?)
     }
 }
 

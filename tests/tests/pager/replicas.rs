@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use dmem_tests::{eventually, stat, Pager};
+use dmem_tests::{eventually, stat, Memnode, Pager};
 
 use crate::{assert_all_released, nodes, pager_over};
 
@@ -56,6 +56,52 @@ fn a_killed_memnode_is_a_non_event_and_its_replicas_are_rebuilt() {
     w.wait().assert_ok();
     pager.assert_alive();
     assert_all_released(&pager);
+}
+
+/// Three nodes, two replicas. A node is killed (-9) and its groups are
+/// rebuilt on the other two; it is then restarted on its address, empty,
+/// and the pager takes it back with a new session. A second node is
+/// killed: its groups can only be rebuilt on the restarted one. Then the
+/// third node is killed too, and the app reads everything back from the
+/// restarted node alone. Without taking it back, the second rebuild has no
+/// node to go to and the third kill loses pages.
+#[test]
+fn a_restarted_memnode_is_taken_back_and_rebuilt_onto() {
+    let mut ns = nodes(3);
+    let mut pager = pager_over(&ns, &["--replicas", "2"]);
+    let mut w = pager.workload("hold", "32M").spawn();
+    w.wait_for_line("written");
+    let rebuilt = |pager: &dmem_tests::Pager, what: &str| {
+        eventually(Duration::from_secs(60), what, || {
+            let v = pager.stats();
+            (stat(&v, &["pager", "degraded_groups"]) == 0).then_some(v)
+        })
+    };
+    let addr0 = ns[0].addr_string();
+    ns[0].kill9();
+    eventually(Duration::from_secs(30), "node 0 to be seen lost", || {
+        (pager.stats()["memnodes"][0]["state"] != "up").then_some(())
+    });
+    rebuilt(&pager, "node 0's groups to be rebuilt on nodes 1 and 2");
+    ns[0] = Memnode::start(&["--listen", &addr0, "--capacity", "256M"]);
+    eventually(Duration::from_secs(30), "node 0 to be taken back", || {
+        (pager.stats()["memnodes"][0]["state"] == "up").then_some(())
+    });
+    ns[1].kill9();
+    eventually(Duration::from_secs(30), "node 1 to be seen lost", || {
+        (pager.stats()["memnodes"][1]["state"] != "up").then_some(())
+    });
+    let v = rebuilt(&pager, "node 1's groups to be rebuilt, on node 0");
+    assert!(stat(&v["memnodes"][0], &["leased_bytes"]) > 0, "{v:#}");
+    ns[2].kill9();
+    w.release();
+    w.wait().assert_ok();
+    pager.assert_alive();
+    assert!(
+        pager.log().contains("lost memory node answers again"),
+        "{}",
+        pager.log()
+    );
 }
 
 /// Two nodes, two replicas: one is killed while the app runs. Its pages
