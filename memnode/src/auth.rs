@@ -43,6 +43,15 @@ pub fn load_token(path: &Path) -> Result<Vec<u8>, AuthError> {
             len: token.len(),
         });
     }
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+        if mode & 0o077 != 0 {
+            // Anyone who can read the token can open sessions on the nodes.
+            tracing::warn!(
+                "token file {shown} can be read by other users (mode {mode:o}): chmod 600 it"
+            );
+        }
+    }
     Ok(token)
 }
 

@@ -574,6 +574,27 @@ fn unusable_settings_are_refused_at_startup() {
     assert!(err.contains("cannot listen on"), "{err}");
 }
 
+/// A token file other users can read is accepted with a warning (anyone
+/// who reads it can open sessions); one only its owner reads, silently.
+#[test]
+fn a_token_file_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("token-mode");
+    let token = dir.write("token", "0123456789abcdef0123\n");
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode))
+            .expect("chmod token");
+        let node = Memnode::start(&["--token-file", token.to_str().unwrap()]);
+        assert_serves(node.addr(), Some(b"0123456789abcdef0123"));
+        let log = node.log();
+        assert_eq!(
+            log.contains("can be read by other users"),
+            warned,
+            "mode {mode:o}: {log}"
+        );
+    }
+}
+
 /// `--max-connections`: connections beyond the limit are refused with Busy;
 /// a slot freed is usable again.
 #[test]
