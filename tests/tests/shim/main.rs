@@ -381,6 +381,72 @@ fn without_a_pager_the_program_runs_unmanaged_or_fails_when_required() {
     assert!(err.contains("DMEM_MIN_ALLOC"), "{err}");
 }
 
+/// A program hands its memory only to a pager run by root or by its own
+/// user. Here a real pager runs as `nobody` on the socket the (root)
+/// program is pointed at, as another user could set one up under /tmp:
+/// with DMEM_REQUIRE=1 the program refuses to start, and without it runs
+/// unmanaged, saying why. Needs root (to start the pager as nobody).
+#[test]
+fn a_pager_run_by_another_user_is_refused() {
+    const TEST: &str = "a_pager_run_by_another_user_is_refused";
+    if !dmem_tests::is_root() {
+        dmem_tests::skip(TEST, "needs root to run a pager as another user");
+        return;
+    }
+    let dir = TempDir::new("otheruser");
+    nix::unistd::chown(
+        dir.path(),
+        Some(nix::unistd::Uid::from_raw(65534)),
+        Some(nix::unistd::Gid::from_raw(65534)),
+    )
+    .expect("chown the socket directory to nobody");
+    let sock = dir.path().join("p.sock");
+    let log = std::fs::File::create(dir.path().join("pager.log")).expect("pager log");
+    let pager = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin_path("dmem-pager"))
+        .args(["--socket", sock.to_str().unwrap(), "--local-limit", "8M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start a pager as nobody");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _pager = Kill(pager);
+    eventually(Duration::from_secs(10), "the pager's socket", || {
+        sock.exists().then_some(())
+    });
+    let lib = bin_path("libdmem.so");
+    let mut c = Command::new(heap_bin());
+    c.args(["family", "8"])
+        .env("LD_PRELOAD", &lib)
+        .env("DMEM_SOCKET", &sock)
+        .env("DMEM_REQUIRE", "1");
+    let (st, out, err) = run_cmd(&mut c);
+    assert!(
+        !st.success(),
+        "a pager run by nobody must be refused: {out} {err}"
+    );
+    assert!(out.is_empty(), "the program must not have run: {out}");
+    assert!(err.contains("runs as uid 65534"), "{err}");
+    let mut c = Command::new(heap_bin());
+    c.args(["family", "8"])
+        .env("LD_PRELOAD", &lib)
+        .env("DMEM_SOCKET", &sock);
+    let (st, out, err) = run_cmd(&mut c);
+    assert!(st.success(), "the unmanaged run failed: {err}");
+    assert!(out.contains("bad=0"), "{out}");
+    assert!(
+        err.contains("running this program without dmem") && err.contains("uid 65534"),
+        "{err}"
+    );
+}
+
 #[test]
 fn dmem_run_rejects_bad_flags() {
     let (st, _, err) = dmem_tests::run_dmem(&["run", "--local-limit", "lots", "--", "true"]);
