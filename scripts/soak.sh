@@ -133,4 +133,7 @@ import json, sys
 v = json.load(sys.stdin)
 print("rebuilt pages:", v["pager"]["rebuilt_pages"], "degraded groups:", v["pager"]["degraded_groups"],
       "nodes:", " ".join(n["state"] for n in v["memnodes"]))'
+# Stop the daemons while their pid files still exist, then tidy up.
+trap - EXIT
+cleanup
 rm -rf "$work"
