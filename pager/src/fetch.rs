@@ -209,15 +209,16 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
     let pbuf = sized(&mut bufs.prefetch, job.prefetch.len() * PAGE);
     let scratch = &mut bufs.scratch;
     let c = &s.counters;
-    let mut posted = Vec::new();
-    if !job.demand.is_empty() {
-        // The prefetch is posted once the demand data is in (a window's
-        // requests posted first held the faulting thread up), and travels
-        // while the demand installs.
-        let first = demand
+    let demanded = (!job.demand.is_empty()).then(|| {
+        demand
             .post_read()
-            .and_then(|p| demand.finish_read(p, dbuf, scratch));
-        posted = chunks.iter().map(Batch::post_read).collect();
+            .and_then(|p| demand.finish_read(p, dbuf, scratch))
+    });
+    // The prefetch is posted once the demand data is in (a window's
+    // requests posted first held the faulting thread up), and travels
+    // while the demand installs.
+    let posted: Vec<_> = chunks.iter().map(Batch::post_read).collect();
+    if let Some(first) = demanded {
         let first = first
             .map_err(|(node, e)| Failed::Read(node, e.to_string()))
             .and_then(|()| match first_corrupt(pager, &job.demand, dbuf) {
@@ -245,9 +246,6 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
         );
     }
     drop(reservation);
-    if job.demand.is_empty() {
-        posted = chunks.iter().map(Batch::post_read).collect();
-    }
     for (k, (batch, post)) in chunks.iter().zip(posted).enumerate() {
         let at = k * PREFETCH_CHUNK;
         let pages = &job.prefetch[at..(at + PREFETCH_CHUNK).min(job.prefetch.len())];

@@ -167,6 +167,18 @@ impl SlotSpace {
         !self.health[i].down.load(Ordering::Acquire)
     }
 
+    /// Whether something last done at `last` (ms since `born`; 0: never)
+    /// is due again, `every` later; if so, records now as its time.
+    fn due(&self, last: &AtomicU64, every: Duration) -> bool {
+        let now = self.born.elapsed().as_millis() as u64;
+        let then = last.load(Ordering::Relaxed);
+        if then != 0 && now < then + every.as_millis() as u64 {
+            return false;
+        }
+        last.store(now.max(1), Ordering::Relaxed);
+        true
+    }
+
     /// Whether replica `r` of `g` holds data on a node that is up.
     fn replica_up(&self, g: &Group, r: usize) -> bool {
         g.regions[r] != GONE && self.usable(g.nodes[r])
@@ -545,16 +557,11 @@ impl SlotSpace {
     /// the node counts as up, so that nothing reads or counts on them; the
     /// rebuild then restores those groups, possibly onto the same node.
     pub fn readopt_lost(&self) {
-        let now = self.born.elapsed().as_millis() as u64;
         for (i, node) in self.nodes.iter().enumerate() {
             let h = &self.health[i];
-            let tried = h.renew_tried_ms.load(Ordering::Relaxed);
-            if !h.lost.load(Ordering::Acquire)
-                || (tried != 0 && now < tried + RENEW_EVERY.as_millis() as u64)
-            {
+            if !h.lost.load(Ordering::Acquire) || !self.due(&h.renew_tried_ms, RENEW_EVERY) {
                 continue;
             }
-            h.renew_tried_ms.store(now.max(1), Ordering::Relaxed);
             if !node.reachable() {
                 continue;
             }
@@ -676,10 +683,7 @@ impl SlotSpace {
             Err(e) => {
                 // Retried every step; say so once a minute at most (with N
                 // replicas and N nodes a lost one cannot be replaced).
-                let now = self.born.elapsed().as_millis() as u64;
-                let last = self.rebuild_warned_ms.load(Ordering::Relaxed);
-                if last == 0 || now >= last + 60_000 {
-                    self.rebuild_warned_ms.store(now.max(1), Ordering::Relaxed);
+                if self.due(&self.rebuild_warned_ms, Duration::from_secs(60)) {
                     warn!("rebuilding a replica group failed, will keep trying: {e}");
                 } else {
                     tracing::debug!("rebuilding a replica group failed: {e}");
