@@ -15,6 +15,24 @@ fn leased_nodes(v: &serde_json::Value) -> Vec<usize> {
         .collect()
 }
 
+/// `n` nodes, a pager with two replicas over them, and an app that has
+/// written 32M at 8M local (its pages on the nodes) and waits.
+fn holding_app(n: usize) -> (Vec<Memnode>, Pager, dmem_tests::RunningWorkload) {
+    let ns = nodes(n);
+    let pager = pager_over(&ns, &["--replicas", "2"]);
+    let mut w = pager.workload("hold", "32M").spawn();
+    w.wait_for_line("written");
+    (ns, pager, w)
+}
+
+/// Waits until the pager reports node `i` in (`up`) or out of use.
+fn node_up_becomes(pager: &Pager, i: usize, up: bool) {
+    let what = format!("node {i} to be {}", if up { "up" } else { "seen lost" });
+    eventually(Duration::from_secs(30), &what, || {
+        ((pager.stats()["memnodes"][i]["state"] == "up") == up).then_some(())
+    });
+}
+
 /// Three nodes, two replicas. A node holding the app's data is killed
 /// (-9) while the app waits: its groups are rebuilt on the others, then a
 /// second node is killed too. The app then reads everything back from the
@@ -23,10 +41,7 @@ fn leased_nodes(v: &serde_json::Value) -> Vec<usize> {
 /// that had both their replicas on the two dead nodes).
 #[test]
 fn a_killed_memnode_is_a_non_event_and_its_replicas_are_rebuilt() {
-    let mut ns = nodes(3);
-    let mut pager = pager_over(&ns, &["--replicas", "2"]);
-    let mut w = pager.workload("hold", "32M").spawn();
-    w.wait_for_line("written");
+    let (mut ns, mut pager, mut w) = holding_app(3);
     let v = pager.stats();
     assert!(stat(&v["apps"][0], &["remote_pages"]) > 0, "{v:#}");
     assert_eq!(
@@ -67,11 +82,8 @@ fn a_killed_memnode_is_a_non_event_and_its_replicas_are_rebuilt() {
 /// node to go to and the third kill loses pages.
 #[test]
 fn a_restarted_memnode_is_taken_back_and_rebuilt_onto() {
-    let mut ns = nodes(3);
-    let mut pager = pager_over(&ns, &["--replicas", "2"]);
-    let mut w = pager.workload("hold", "32M").spawn();
-    w.wait_for_line("written");
-    let rebuilt = |pager: &dmem_tests::Pager, what: &str| {
+    let (mut ns, mut pager, mut w) = holding_app(3);
+    let rebuilt = |pager: &Pager, what: &str| {
         eventually(Duration::from_secs(60), what, || {
             let v = pager.stats();
             (stat(&v, &["pager", "degraded_groups"]) == 0).then_some(v)
@@ -79,18 +91,12 @@ fn a_restarted_memnode_is_taken_back_and_rebuilt_onto() {
     };
     let addr0 = ns[0].addr_string();
     ns[0].kill9();
-    eventually(Duration::from_secs(30), "node 0 to be seen lost", || {
-        (pager.stats()["memnodes"][0]["state"] != "up").then_some(())
-    });
+    node_up_becomes(&pager, 0, false);
     rebuilt(&pager, "node 0's groups to be rebuilt on nodes 1 and 2");
     ns[0] = Memnode::start(&["--listen", &addr0, "--capacity", "256M"]);
-    eventually(Duration::from_secs(30), "node 0 to be taken back", || {
-        (pager.stats()["memnodes"][0]["state"] == "up").then_some(())
-    });
+    node_up_becomes(&pager, 0, true);
     ns[1].kill9();
-    eventually(Duration::from_secs(30), "node 1 to be seen lost", || {
-        (pager.stats()["memnodes"][1]["state"] != "up").then_some(())
-    });
+    node_up_becomes(&pager, 1, false);
     let v = rebuilt(&pager, "node 1's groups to be rebuilt, on node 0");
     assert!(stat(&v["memnodes"][0], &["leased_bytes"]) > 0, "{v:#}");
     ns[2].kill9();
@@ -110,10 +116,7 @@ fn a_restarted_memnode_is_taken_back_and_rebuilt_onto() {
 /// instead of keeping one copy: it finishes with every byte right.
 #[test]
 fn reads_fall_back_to_the_other_replica_when_a_node_dies() {
-    let mut ns = nodes(2);
-    let mut pager = pager_over(&ns, &["--replicas", "2"]);
-    let mut w = pager.workload("hold", "32M").spawn();
-    w.wait_for_line("written");
+    let (mut ns, mut pager, mut w) = holding_app(2);
     ns[1].kill9();
     w.release();
     crate::finishes_having_paged(w, &mut pager);
