@@ -698,7 +698,9 @@ impl Session {
     }
 
     /// Copies a cached page back into the app and frees its frame (the
-    /// page's local count does not change). True when installed.
+    /// page's local count does not change). True when installed. A dirty
+    /// page goes in writable whatever `writable` says: write-protecting it
+    /// would only cost a fault on its next write, as it is dirty anyway.
     pub fn promote(
         &self,
         pager: &Pager,
@@ -708,6 +710,7 @@ impl Session {
         fault: Option<&Fault>,
         writable: bool,
     ) -> (Fill, bool) {
+        let writable = writable || st.table.get(page).is_some_and(|m| m.dirty());
         let (fill, n) = self.install(st, page, pager.cache.ptr(frame), PAGE, fault, writable);
         if n == 1 {
             pager.cache.release(frame);
