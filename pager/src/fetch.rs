@@ -216,8 +216,23 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
     });
     // The prefetch is posted once the demand data is in (a window's
     // requests posted first held the faulting thread up), and travels
-    // while the demand installs.
-    let posted: Vec<_> = chunks.iter().map(Batch::post_read).collect();
+    // while the demand installs. After a request fails, the rest of the
+    // window is neither posted nor waited for: each would wait out its own
+    // reconnect window on a node in trouble, holding the demand install
+    // (and faults on the window's pages) up for minutes. Prefetch is
+    // optional; a demand fault on those pages tries every replica.
+    let mut failing = false;
+    let posted: Vec<_> = chunks
+        .iter()
+        .map(|b| {
+            if failing {
+                return None;
+            }
+            let p = b.post_read();
+            failing = p.is_err();
+            Some(p)
+        })
+        .collect();
     if let Some(first) = demanded {
         let first = first
             .map_err(|(node, e)| Failed::Read(node, e.to_string()))
@@ -250,9 +265,22 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
         let at = k * PREFETCH_CHUNK;
         let pages = &job.prefetch[at..(at + PREFETCH_CHUNK).min(job.prefetch.len())];
         let data = &mut pbuf[at * PAGE..(at + pages.len()) * PAGE];
-        let fetched = post
-            .and_then(|p| batch.finish_read(p, data, scratch))
-            .is_ok();
+        let fetched = match post {
+            Some(post) if !failing => {
+                let ok = post
+                    .and_then(|p| batch.finish_read(p, data, scratch))
+                    .is_ok();
+                failing = !ok;
+                ok
+            }
+            Some(Ok(post)) => {
+                for (_, c, _) in post {
+                    c.abandon();
+                }
+                false
+            }
+            _ => false,
+        };
         if !fetched || first_corrupt(pager, pages, data).is_some() {
             // Just give the pages back: a demand fault on one of them tries
             // every replica, and reports data that is truly gone.

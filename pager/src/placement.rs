@@ -130,7 +130,10 @@ fn node_unusable(e: &RemoteError) -> bool {
     match e {
         RemoteError::Client(ClientError::Server { .. }) => false,
         RemoteError::Client(_) | RemoteError::Rdma(_) => true,
-        RemoteError::OutOfSpace | RemoteError::NoNodes | RemoteError::Renew(_) => false,
+        RemoteError::OutOfSpace
+        | RemoteError::NoNodes
+        | RemoteError::Renew(_)
+        | RemoteError::TooFewReplicas(..) => false,
     }
 }
 
@@ -761,8 +764,11 @@ pub struct Batch<'a> {
     /// Per node: extents and the indexes of the pages they carry.
     per_node: Vec<(Vec<Extent>, Vec<usize>)>,
     pages: usize,
-    /// A page with no replica left to read (all in `avoid`).
+    /// Reads: a page with no replica left to read (all in `avoid`).
     unreadable: bool,
+    /// Writes: a slot with fewer live replicas than `--replicas` (one was
+    /// marked gone after the slot was handed out).
+    short: Option<usize>,
 }
 
 impl<'a> Batch<'a> {
@@ -783,7 +789,11 @@ impl<'a> Batch<'a> {
     pub fn write_all(space: &'a SlotSpace, slots: &[u32]) -> Batch<'a> {
         let mut b = Batch::empty(space, slots.len());
         for (i, &s) in slots.iter().enumerate() {
-            for loc in space.replicas_of(s) {
+            let locs = space.replicas_of(s);
+            if locs.len() < space.replicas {
+                b.short = Some(locs.len());
+            }
+            for loc in locs {
                 b.add(i, loc);
             }
         }
@@ -796,6 +806,7 @@ impl<'a> Batch<'a> {
             per_node: vec![(Vec::new(), Vec::new()); space.nodes.len()],
             pages,
             unreadable: false,
+            short: None,
         }
     }
 
@@ -882,6 +893,12 @@ impl<'a> Batch<'a> {
     /// an error, so that no write is still travelling when the caller gives
     /// the slots back.
     pub fn write(&self, data: &[u8]) -> Result<(), RemoteError> {
+        // Acknowledged by fewer nodes than required (none at all with one
+        // replica) is not written back: the caller keeps the pages and
+        // tries again with fresh slots.
+        if let Some(live) = self.short {
+            return Err(RemoteError::TooFewReplicas(live, self.space.replicas));
+        }
         let mut posted = Vec::new();
         let mut first_err = None;
         let mut buf = Vec::new();

@@ -421,6 +421,12 @@ struct RdmaCompletion {
 }
 
 impl Completion for RdmaCompletion {
+    fn abandon(self: Box<Self>) {
+        // The NIC may still write into the slot: it goes back to the pool
+        // only once the work request has completed (or the wait gave up).
+        let _ = self.link.wait(self.id, self.t.timeout);
+    }
+
     fn wait(self: Box<Self>, out: &mut [u8]) -> Result<(), RemoteError> {
         if !self.write && out.len() != self.len {
             return Err(RemoteError::Client(ClientError::ShortRead {

@@ -23,11 +23,16 @@ pub enum RemoteError {
     Rdma(String),
     #[error("a {0} transport cannot open a new session with a node that lost ours")]
     Renew(&'static str),
+    #[error("a slot has {0} live replicas of the {1} required (a node was lost meanwhile)")]
+    TooFewReplicas(usize, usize),
 }
 
 /// A request in flight; `wait` fills `out` (reads) or just acknowledges.
 pub trait Completion: Send {
     fn wait(self: Box<Self>, out: &mut [u8]) -> Result<(), RemoteError>;
+    /// Gives the request up: its reply is not wanted. A transport whose
+    /// reply could still land in a buffer it reuses settles that first.
+    fn abandon(self: Box<Self>) {}
 }
 
 /// One memory node as the pager sees it.
