@@ -254,6 +254,15 @@ impl SlotSpace {
         if !node_unusable(e) {
             return;
         }
+        if let RemoteError::Client(ClientError::SessionLost { session, .. }) = e {
+            if self.nodes[i].session().is_some_and(|now| now != *session) {
+                // About a session renewed since (a request that failed
+                // before the re-adoption, reported after it): the node
+                // holds our new session, whose replicas must not be
+                // marked gone.
+                return;
+            }
+        }
         let h = &self.health[i];
         if matches!(e, RemoteError::Client(ClientError::SessionLost { .. }))
             && !h.lost.swap(true, Ordering::AcqRel)

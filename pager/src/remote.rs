@@ -61,6 +61,10 @@ pub trait Transport: Send + Sync {
     fn renew(&self) -> Result<(), RemoteError> {
         Err(RemoteError::Renew(self.kind()))
     }
+    /// The node's id of the session in use, where the transport knows it.
+    fn session(&self) -> Option<u64> {
+        None
+    }
 }
 
 pub struct TcpTransport {
@@ -130,6 +134,9 @@ impl Transport for TcpTransport {
     }
     fn renew(&self) -> Result<(), RemoteError> {
         Ok(self.client.renew()?)
+    }
+    fn session(&self) -> Option<u64> {
+        Some(self.client.session_id())
     }
 }
 
