@@ -577,6 +577,12 @@ impl SlotSpace {
             if !node.reachable() {
                 continue;
             }
+            // No group is being leased meanwhile: one leased in the old
+            // session but pushed after the marking below would keep a
+            // region the node no longer has (its writes failing with no
+            // node to blame), and a lease resent on the new session would
+            // be marked gone and leak.
+            let _leasing = crate::lock(&self.leasing);
             if let Err(e) = node.renew() {
                 tracing::debug!(node = node.addr(), "no new session yet: {e}");
                 continue;
