@@ -216,11 +216,12 @@ pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
     });
     // The prefetch is posted once the demand data is in (a window's
     // requests posted first held the faulting thread up), and travels
-    // while the demand installs. After a request fails, the rest of the
-    // window is neither posted nor waited for: each would wait out its own
-    // reconnect window on a node in trouble, holding the demand install
-    // (and faults on the window's pages) up for minutes. Prefetch is
-    // optional; a demand fault on those pages tries every replica.
+    // while the demand installs. Once a request fails, no more of the
+    // window is posted, and no request of it still outstanding is waited
+    // for (they are abandoned): each would wait out its own reconnect
+    // window on a node in trouble, holding the demand install (and faults
+    // on the window's pages) up for minutes. Prefetch is optional; a
+    // demand fault on those pages tries every replica.
     let mut failing = false;
     let posted: Vec<_> = chunks
         .iter()

@@ -254,19 +254,21 @@ impl SlotSpace {
         if !node_unusable(e) {
             return;
         }
-        if let RemoteError::Client(ClientError::SessionLost { session, .. }) = e {
-            if self.nodes[i].session().is_some_and(|now| now != *session) {
-                // About a session renewed since (a request that failed
-                // before the re-adoption, reported after it): the node
-                // holds our new session, whose replicas must not be
-                // marked gone.
-                return;
+        let session_lost = match e {
+            RemoteError::Client(ClientError::SessionLost { session, .. }) => {
+                if self.nodes[i].session().is_some_and(|now| now != *session) {
+                    // About a session renewed since (a request that failed
+                    // before the re-adoption, reported after it): the node
+                    // holds our new session, whose replicas must not be
+                    // marked gone.
+                    return;
+                }
+                true
             }
-        }
+            _ => false,
+        };
         let h = &self.health[i];
-        if matches!(e, RemoteError::Client(ClientError::SessionLost { .. }))
-            && !h.lost.swap(true, Ordering::AcqRel)
-        {
+        if session_lost && !h.lost.swap(true, Ordering::AcqRel) {
             error!(
                 node = self.nodes[i].addr(),
                 "memory node lost this pager's session: the replicas it held are gone; \
