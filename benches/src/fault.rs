@@ -49,7 +49,7 @@ use crate::daemon::Daemon;
 use crate::fault_worker::{Counters, RandomResult, Ready, ScanResult};
 use crate::memnode::{start_node, Floors};
 use crate::stats::{latency_histogram, median, quantile_us, Rng};
-use crate::uffd_floor::UffdFloor;
+use crate::uffd_floor::{HandlerAt, UffdFloor};
 
 /// cache p50 <= 1.3 x bare uffd p50.
 const CACHE_VS_UFFD_MAX: f64 = 1.3;
@@ -165,6 +165,9 @@ struct BlockRound {
 struct Round {
     bare_uffd_p50_us: f64,
     bare_uffd_p99_us: f64,
+    /// The same minimal handler in another process (not a target floor).
+    bare_uffd_xproc_p50_us: f64,
+    bare_uffd_xproc_p99_us: f64,
     bare_tcp_p50_us: f64,
     bare_tcp_p99_us: f64,
     blocks: BTreeMap<u64, BlockRound>,
@@ -265,6 +268,13 @@ struct Report {
     bare_uffd_p50_us: f64,
     bare_uffd_p99_us: f64,
     bare_uffd_p50_us_range: [f64; 2],
+    /// The bare handler in another process, as dmem's pager is: the share
+    /// of the latency that is the architecture's (reported, no target).
+    bare_uffd_xproc_p50_us: f64,
+    bare_uffd_xproc_p99_us: f64,
+    bare_uffd_xproc_p50_us_range: [f64; 2],
+    /// cache_p50_us / bare_uffd_xproc_p50_us.
+    cache_vs_uffd_xproc: f64,
     bare_tcp_p50_us: f64,
     bare_tcp_p99_us: f64,
     bare_tcp_p50_us_range: [f64; 2],
@@ -406,6 +416,7 @@ struct BlockRig {
 #[derive(Clone, Copy, Debug)]
 enum Who {
     Uffd,
+    UffdXproc,
     Tcp,
     Random(usize),
     Seq(usize),
@@ -701,6 +712,10 @@ fn measure(
         bare_uffd_p50_us: uffd50,
         bare_uffd_p99_us: med(&|r| r.bare_uffd_p99_us),
         bare_uffd_p50_us_range: range(&|r| r.bare_uffd_p50_us),
+        bare_uffd_xproc_p50_us: med(&|r| r.bare_uffd_xproc_p50_us),
+        bare_uffd_xproc_p99_us: med(&|r| r.bare_uffd_xproc_p99_us),
+        bare_uffd_xproc_p50_us_range: range(&|r| r.bare_uffd_xproc_p50_us),
+        cache_vs_uffd_xproc: head.cache_p50_us / med(&|r| r.bare_uffd_xproc_p50_us),
         bare_tcp_p50_us: tcp50,
         bare_tcp_p99_us: med(&|r| r.bare_tcp_p99_us),
         bare_tcp_p50_us_range: range(&|r| r.bare_tcp_p50_us),
@@ -756,12 +771,13 @@ fn seal_cost() -> Result<(f64, f64), String> {
 /// The interleaved rounds.
 fn run_rounds(a: &Args, plan: &Plan, rigs: &mut [BlockRig]) -> Result<Vec<Round>, String> {
     let floors = Floors::start()?;
-    let mut uffd = UffdFloor::start(64 << 20)?;
+    let mut uffd = UffdFloor::start(64 << 20, HandlerAt::Thread)?;
+    let mut uffd_xproc = UffdFloor::start(64 << 20, HandlerAt::Process)?;
     let mut rng = Rng::new(0x5eed_fa17);
 
     let mut per_round = Vec::new();
     for r in 0..plan.rounds {
-        let mut order = vec![Who::Uffd, Who::Tcp];
+        let mut order = vec![Who::Uffd, Who::UffdXproc, Who::Tcp];
         for i in 0..rigs.len() {
             order.push(Who::Random(i));
             order.push(Who::Seq(i));
@@ -775,6 +791,10 @@ fn run_rounds(a: &Args, plan: &Plan, rigs: &mut [BlockRig]) -> Result<Vec<Round>
                 Who::Uffd => {
                     (round.bare_uffd_p50_us, round.bare_uffd_p99_us) =
                         uffd.sample(plan.samples, plan.gap, &mut rng)?;
+                }
+                Who::UffdXproc => {
+                    (round.bare_uffd_xproc_p50_us, round.bare_uffd_xproc_p99_us) =
+                        uffd_xproc.sample(plan.samples, plan.gap, &mut rng)?;
                 }
                 Who::Tcp => {
                     (round.bare_tcp_p50_us, round.bare_tcp_p99_us) =
@@ -908,8 +928,8 @@ fn min_max(xs: &[f64]) -> [f64; 2] {
 
 fn round_line(r: &Round) -> String {
     let mut s = format!(
-        "uffd p50 {:.1} us, tcp p50 {:.1} us",
-        r.bare_uffd_p50_us, r.bare_tcp_p50_us
+        "uffd p50 {:.1} us (other process {:.1}), tcp p50 {:.1} us",
+        r.bare_uffd_p50_us, r.bare_uffd_xproc_p50_us, r.bare_tcp_p50_us
     );
     for (k, b) in &r.blocks {
         s += &format!(
@@ -986,6 +1006,12 @@ fn print_table(r: &Report) {
         r.bare_uffd_p50_us_range,
     );
     row(
+        "  same, handler in another process",
+        r.bare_uffd_xproc_p50_us,
+        r.bare_uffd_xproc_p99_us,
+        r.bare_uffd_xproc_p50_us_range,
+    );
+    row(
         "bare TCP 16B/4K ping-pong (floor 2)",
         r.bare_tcp_p50_us,
         r.bare_tcp_p99_us,
@@ -1037,6 +1063,10 @@ fn print_table(r: &Report) {
         "  cache p50 <= {CACHE_VS_UFFD_MAX} x bare uffd p50: {:.2}x  {}",
         r.cache_vs_uffd,
         ok(r.cache_p50_met)
+    );
+    println!(
+        "    (against the handler in another process, as the pager is: {:.2}x; no target)",
+        r.cache_vs_uffd_xproc
     );
     println!(
         "  remote p50 <= uffd + tcp + {REMOTE_BUDGET_EXTRA_US} us = {:.1} us: {:.1} us ({:.2}x budget)  {}",

@@ -32,6 +32,9 @@ enum Cmd {
     /// The app side of fault-latency (started by it; not for direct use).
     #[command(hide = true)]
     FaultWorker(fault_worker::Args),
+    /// The cross-process bare uffd handler of fault-latency (started by it).
+    #[command(hide = true)]
+    UffdHandler,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Cmd::Memnode(a) => memnode::run(a),
         Cmd::FaultLatency(a) => fault::run(a),
         Cmd::FaultWorker(a) => fault_worker::run(a),
+        Cmd::UffdHandler => uffd_floor::run_handler_process(),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

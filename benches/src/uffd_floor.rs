@@ -5,11 +5,22 @@
 //! registered region and times each read from its own side. Touched pages
 //! are dropped with `MADV_DONTNEED` (untimed) once half the region is
 //! present, so every timed read is a missing-page fault.
+//!
+//! The same handler also runs in a child process (`dmem-bench
+//! uffd-handler`, the fd passed over a unix socket the way libdmem.so hands
+//! it to the pager): the cross-process round trip, which every dmem fault
+//! pays as the pager is another process. Pinned to one CPU, a switch between
+//! two processes costs more than one between two threads of a process (the
+//! address space changes); the difference is the architecture's share of
+//! dmem's cache-tier latency.
 
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmem_pager::sys::{dontneed, no_huge_pages, Mapping};
+use dmem_pager::sys::{dontneed, no_huge_pages, recv_with_fds, send_with_fds, Mapping};
 use userfaultfd::{Event, Uffd, UffdBuilder};
 
 use crate::stats::{latency_histogram, quantile_us, Rng};
@@ -21,12 +32,33 @@ pub(crate) struct UffdFloor {
     n_touched: usize,
     /// Keeps the registration alive; the handler holds another reference.
     _uffd: Arc<Uffd>,
+    /// The handler process, when the handler runs in another process.
+    child: Option<Child>,
+}
+
+impl Drop for UffdFloor {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Where the minimal handler runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandlerAt {
+    /// A thread of the faulting process.
+    Thread,
+    /// Another process (`dmem-bench uffd-handler`), like dmem's pager.
+    Process,
 }
 
 impl UffdFloor {
-    /// Registers a `bytes`-long region and starts the handler thread. The
-    /// thread lives as long as the process (it blocks in `read(2)`).
-    pub(crate) fn start(bytes: usize) -> Result<UffdFloor, String> {
+    /// Registers a `bytes`-long region and starts the handler. A handler
+    /// thread lives as long as the process (it blocks in `read(2)`); a
+    /// handler process is killed when the floor is dropped.
+    pub(crate) fn start(bytes: usize, at: HandlerAt) -> Result<UffdFloor, String> {
         let bytes = bytes.div_ceil(PAGE) * PAGE;
         let region = Mapping::anonymous(bytes).map_err(|e| format!("uffd floor mmap: {e}"))?;
         let _ = no_huge_pages(region.addr(), bytes);
@@ -39,18 +71,24 @@ impl UffdFloor {
         uffd.register(region.as_ptr().cast(), bytes)
             .map_err(|e| format!("uffd floor: register: {e}"))?;
         let uffd = Arc::new(uffd);
-        let src = Mapping::anonymous(PAGE).map_err(|e| format!("uffd floor mmap: {e}"))?;
-        dmem_pager::sys::mapping_write(&src, 0, &[0x5Au8; PAGE]);
-        let h = Arc::clone(&uffd);
-        std::thread::Builder::new()
-            .name("bare-uffd".into())
-            .spawn(move || handler(&h, &src))
-            .map_err(|e| format!("uffd floor: cannot start the handler: {e}"))?;
+        let child = match at {
+            HandlerAt::Thread => {
+                let src = source_page()?;
+                let h = Arc::clone(&uffd);
+                std::thread::Builder::new()
+                    .name("bare-uffd".into())
+                    .spawn(move || handler(&h, &src))
+                    .map_err(|e| format!("uffd floor: cannot start the handler: {e}"))?;
+                None
+            }
+            HandlerAt::Process => Some(spawn_handler_process(&uffd)?),
+        };
         Ok(UffdFloor {
             touched: vec![false; bytes / PAGE],
             n_touched: 0,
             region,
             _uffd: uffd,
+            child,
         })
     }
 
@@ -94,6 +132,44 @@ impl UffdFloor {
         }
         Ok((quantile_us(&h, 0.5), quantile_us(&h, 0.99)))
     }
+}
+
+/// The 4 KiB every fault of the floor is filled with.
+fn source_page() -> Result<Mapping, String> {
+    let src = Mapping::anonymous(PAGE).map_err(|e| format!("uffd floor mmap: {e}"))?;
+    dmem_pager::sys::mapping_write(&src, 0, &[0x5Au8; PAGE]);
+    Ok(src)
+}
+
+/// Starts `dmem-bench uffd-handler` with one end of a socket pair as its
+/// stdin and sends it the uffd over that socket.
+fn spawn_handler_process(uffd: &Uffd) -> Result<Child, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("uffd floor: socketpair: {e}"))?;
+    // SAFETY: `theirs` is a live socket we own; Stdio takes the ownership.
+    let stdin = unsafe { Stdio::from_raw_fd(theirs.into_raw_fd()) };
+    let child = Command::new(exe)
+        .arg("uffd-handler")
+        .stdin(stdin)
+        .spawn()
+        .map_err(|e| format!("uffd floor: cannot start the handler process: {e}"))?;
+    send_with_fds(ours.as_raw_fd(), b"uffd", &[uffd.as_raw_fd()])
+        .map_err(|e| format!("uffd floor: cannot hand the uffd over: {e}"))?;
+    Ok(child)
+}
+
+/// `dmem-bench uffd-handler`: receives a uffd on stdin (a unix socket) and
+/// serves its faults until killed.
+pub(crate) fn run_handler_process() -> Result<(), String> {
+    let mut buf = [0u8; 16];
+    let (_, mut fds) =
+        recv_with_fds(0, &mut buf).map_err(|e| format!("uffd-handler: no uffd on stdin: {e}"))?;
+    let fd = fds.pop().ok_or("uffd-handler: no uffd on stdin")?;
+    // SAFETY: `fd` is the userfaultfd the parent just sent; the Uffd takes
+    // its ownership.
+    let uffd = unsafe { Uffd::from_raw_fd(fd.into_raw_fd()) };
+    handler(&uffd, &source_page()?);
+    Err("uffd-handler: the handler stopped".into())
 }
 
 /// The minimal handler: one blocking read, one copy (which wakes the
