@@ -4,7 +4,9 @@
 //! Invariant: every free byte of the arena reads as zero. Blocks are
 //! dropped (`MADV_DONTNEED`) before they return to the free lists, so a
 //! fresh block needs no clearing (calloc is free) and the pager forgets
-//! freed pages instead of paging them.
+//! freed pages instead of paging them. The exception is the few freed blocks
+//! kept for reuse (`warm`): they stay allocated in the lists, and only
+//! callers that need no zeros get them.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,11 +15,14 @@ use std::sync::OnceLock;
 use crate::extents::{round_up, Extents, GRANULE};
 use crate::lock::SpinLock;
 use crate::sys;
+use crate::warm::{Evicted, Warm};
 
 static BASE: AtomicU64 = AtomicU64::new(0);
 static END: AtomicU64 = AtomicU64::new(0);
 static EXTENTS: OnceLock<SpinLock<Extents>> = OnceLock::new();
 static FULL_WARNED: AtomicBool = AtomicBool::new(false);
+/// Lock order: WARM before EXTENTS (only the atfork handlers hold both).
+static WARM: SpinLock<Warm> = SpinLock::new(Warm::new());
 
 /// Starts serving allocations from `[base, base+len)`.
 pub fn install(base: u64, len: u64) {
@@ -45,6 +50,11 @@ pub fn overlaps(start: u64, len: u64) -> bool {
     bounds().is_some_and(|(b, e)| start < e && start.saturating_add(len) > b)
 }
 
+/// Keeps up to `bytes` of freed blocks for reuse (0: none).
+pub fn keep_freed(bytes: u64) {
+    WARM.lock().set_budget(bytes);
+}
+
 fn extents() -> &'static SpinLock<Extents> {
     EXTENTS.get().expect("arena used before install")
 }
@@ -69,6 +79,19 @@ pub fn alloc(size: usize, align: usize) -> *mut c_void {
     }
 }
 
+/// A block of at least `size` bytes aligned to `align`, its content
+/// undefined: a kept freed block when one fits, else a zeroed one.
+pub fn alloc_any(size: usize, align: usize) -> *mut c_void {
+    if EXTENTS.get().is_none() {
+        return std::ptr::null_mut();
+    }
+    let want = round_up(size.max(1) as u64, GRANULE);
+    if let Some((start, _)) = WARM.lock().take(want, align.max(1) as u64) {
+        return start as *mut c_void;
+    }
+    alloc(size, align)
+}
+
 /// Size of the block at `p` (0 if `p` does not start a block).
 pub fn usable_size(p: *const c_void) -> usize {
     extents().lock().len_at(p as u64).unwrap_or(0) as usize
@@ -76,10 +99,35 @@ pub fn usable_size(p: *const c_void) -> usize {
 
 /// Frees the block at `p`.
 pub fn free(p: *mut c_void) {
-    let Some(len) = extents().lock().len_at(p as u64) else {
-        sys::die("dmem: free(): invalid pointer into managed memory (double free?)\n");
+    let (len, foreign) = {
+        let ex = extents().lock();
+        let Some(len) = ex.len_at(p as u64) else {
+            drop(ex);
+            sys::die("dmem: free(): invalid pointer into managed memory (double free?)\n");
+        };
+        (len, ex.has_foreign(p as u64, len))
     };
-    release(p as u64, len);
+    if foreign {
+        // The program mapped its own memory into the block: `zero` undoes it.
+        release(p as u64, len);
+        return;
+    }
+    let out = {
+        let mut warm = WARM.lock();
+        if warm.holds(p as u64) {
+            drop(warm);
+            sys::die("dmem: free(): double free of managed memory\n");
+        }
+        warm.keep(p as u64, len)
+    };
+    drop_all(&out);
+}
+
+/// Drops blocks that leave the warm table for real.
+fn drop_all(blocks: &Evicted) {
+    for (start, len) in blocks.iter() {
+        release(start, len);
+    }
 }
 
 /// Drops `[start, start+len)` and returns it to the free lists. The range
@@ -116,6 +164,9 @@ pub fn zero(start: u64, len: u64) {
 /// are dropped and freed; parts already free are left alone, as the
 /// kernel leaves unmapped holes alone.
 pub fn unmap(start: u64, len: u64) {
+    // Freed blocks kept for reuse go back whole (not only the unmapped part).
+    let kept = WARM.lock().forget_overlapping(start, len);
+    drop_all(&kept);
     let parts = extents().lock().allocated_parts(start, len);
     for (a, l) in parts {
         release(a, l);
@@ -138,6 +189,9 @@ pub fn claim(start: u64, len: u64) -> bool {
 
 /// Records a mapping of the program's own at `[start, start+len)`.
 pub fn mark_foreign(start: u64, len: u64) {
+    // Over memory the program had freed: that block is never handed out
+    // again (left allocated, as the program's mapping now sits in it).
+    let _ = WARM.lock().forget_overlapping(start, len);
     extents().lock().mark_foreign(start, len);
 }
 
@@ -178,7 +232,7 @@ pub fn realloc(p: *mut c_void, size: usize, min_alloc: usize) -> *mut c_void {
     let new = if size < min_alloc {
         sys::libc_malloc(size)
     } else {
-        let n = alloc(size, 16);
+        let n = alloc_any(size, 16);
         if n.is_null() {
             sys::libc_malloc(size)
         } else {
@@ -199,6 +253,7 @@ pub fn realloc(p: *mut c_void, size: usize, min_alloc: usize) -> *mut c_void {
 /// With `bring_back`, first reads every page of every block so that the
 /// pager puts back what it had taken out.
 pub fn lock_for_fork(bring_back: bool) {
+    WARM.acquire();
     if let Some(ex) = EXTENTS.get() {
         let g = ex.lock();
         if bring_back {
@@ -215,4 +270,5 @@ pub fn unlock_after_fork() {
     if let Some(ex) = EXTENTS.get() {
         ex.release();
     }
+    WARM.release();
 }

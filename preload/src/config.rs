@@ -38,6 +38,9 @@ pub struct Config {
     /// Large anonymous `mmap`s come from the arena too (`DMEM_MMAP`,
     /// default 1).
     pub mmap: bool,
+    /// Freed blocks kept for reuse, in bytes (`DMEM_KEEP_FREED`; at most an
+    /// eighth of the local limit is used).
+    pub keep_freed: u64,
 }
 
 /// Default threshold: glibc's own mmap threshold. Blocks this large are the
@@ -48,6 +51,8 @@ pub const DEFAULT_MIN_ALLOC: usize = 128 << 10;
 /// Default reservation; address space only (MAP_NORESERVE), and the pager
 /// keeps page state only for the parts that are used.
 pub const DEFAULT_ARENA: usize = 64 << 30;
+/// Default budget of freed blocks kept for reuse (see `warm`).
+pub const DEFAULT_KEEP_FREED: u64 = 64 << 20;
 
 impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
@@ -93,6 +98,7 @@ impl Config {
             inherit: flag("DMEM_INHERIT", true)?,
             disable: flag("DMEM_DISABLE", false)?,
             mmap: flag("DMEM_MMAP", true)?,
+            keep_freed: size("DMEM_KEEP_FREED", DEFAULT_KEEP_FREED)?,
         })
     }
 }

@@ -25,6 +25,7 @@ mod mapping;
 mod rust_alloc;
 mod start;
 mod sys;
+mod warm;
 
 #[global_allocator]
 static GLOBAL: rust_alloc::LibcAlloc = rust_alloc::LibcAlloc;

@@ -26,7 +26,8 @@ pub fn min_alloc() -> usize {
     MIN_ALLOC.load(Ordering::Relaxed)
 }
 
-/// An arena block for `size` bytes when it should be managed, else null.
+/// A zeroed arena block for `size` bytes when it should be managed, else
+/// null.
 fn managed(size: usize, align: usize) -> *mut c_void {
     if size >= min_alloc() {
         arena::alloc(size, align)
@@ -35,9 +36,19 @@ fn managed(size: usize, align: usize) -> *mut c_void {
     }
 }
 
+/// As `managed`, but the block may hold old data (a freed block kept for
+/// reuse): for callers that promise nothing about the content.
+fn managed_any(size: usize, align: usize) -> *mut c_void {
+    if size >= min_alloc() {
+        arena::alloc_any(size, align)
+    } else {
+        std::ptr::null_mut()
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn malloc(size: usize) -> *mut c_void {
-    let p = managed(size, MALLOC_ALIGN);
+    let p = managed_any(size, MALLOC_ALIGN);
     if p.is_null() {
         sys::libc_malloc(size)
     } else {
@@ -105,7 +116,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         }
         return n;
     }
-    let n = managed(size, MALLOC_ALIGN);
+    let n = managed_any(size, MALLOC_ALIGN);
     if n.is_null() {
         return sys::libc_realloc(p, size);
     }
@@ -134,7 +145,7 @@ pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> 
 
 /// Aligned block; `align` is a power of two.
 fn aligned(align: usize, size: usize) -> *mut c_void {
-    let p = managed(size, align);
+    let p = managed_any(size, align);
     if p.is_null() {
         sys::libc_memalign(align, size)
     } else {

@@ -36,6 +36,8 @@ pub fn start() {
     match AppSession::attach(&app_cfg) {
         Ok(app) => {
             arena::install(app.arena_ptr() as u64, app.arena_len() as u64);
+            // Kept freed blocks take local memory from live data: a little.
+            arena::keep_freed(cfg.keep_freed.min(app.local_limit() / 8));
             malloc::enable(cfg.min_alloc);
             mapping::enable(cfg.mmap);
             let _ = SESSION.set(app);

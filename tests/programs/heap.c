@@ -99,6 +99,50 @@ static void family(size_t mib) {
     mix(bad);
 }
 
+/* Temporaries of a few sizes allocated, written, checked and freed over
+ * and over (as numpy's are), while long-lived blocks are replaced one per
+ * round: a freed block handed out again must never alias a live one, and
+ * calloc must return zeros with freed blocks around. */
+static void churn_fill(uint64_t *b, size_t len, uint64_t tag) {
+    for (size_t j = 0; j < len / 8; j++) b[j] = val(j, tag);
+}
+static void churn_check(const uint64_t *b, size_t len, uint64_t tag) {
+    for (size_t j = 0; j < len / 8; j += 61) CHECK(b[j] == val(j, tag));
+    CHECK(b[len / 8 - 1] == val(len / 8 - 1, tag));
+    mix(b[len / 16]);
+}
+static void churn(size_t mib) {
+    static const size_t sizes[] = {256 << 10, 1 << 20, 3 << 20, 4 << 20};
+    enum { LIVE = 8 };
+    uint64_t *live[LIVE];
+    uint64_t tag[LIVE];
+    for (size_t i = 0; i < LIVE; i++) {
+        live[i] = malloc(sizes[i % 4]);
+        tag[i] = 1000 + i;
+        churn_fill(live[i], sizes[i % 4], tag[i]);
+    }
+    for (size_t round = 0; round < mib * 4; round++) {
+        size_t len = sizes[round % 4];
+        uint64_t *t = malloc(len);
+        churn_fill(t, len, round);
+        uint64_t *z = calloc(len / 8, 8);
+        for (size_t j = 0; j < len / 8; j += 61) CHECK(z[j] == 0);
+        CHECK(z[len / 8 - 1] == 0);
+        churn_fill(z, len, ~round);
+        size_t k = round % LIVE;
+        free(live[k]);
+        live[k] = malloc(sizes[k % 4]);
+        tag[k] = 2000 + round;
+        churn_fill(live[k], sizes[k % 4], tag[k]);
+        churn_check(t, len, round);
+        churn_check(z, len, ~round);
+        free(z);
+        free(t);
+        for (size_t i = 0; i < LIVE; i++) churn_check(live[i], sizes[i % 4], tag[i]);
+    }
+    for (size_t i = 0; i < LIVE; i++) free(live[i]);
+}
+
 struct targ { uint64_t *a; size_t n, t, nt; };
 static void *worker(void *x) {
     struct targ *g = x;
@@ -262,6 +306,7 @@ int main(int argc, char **argv) {
     const char *m = argv[1];
     if (!strcmp(m, "seq-random")) seq_random(mib);
     else if (!strcmp(m, "family")) family(mib);
+    else if (!strcmp(m, "churn")) churn(mib);
     else if (!strcmp(m, "threads")) threads(mib);
     else if (!strcmp(m, "syscalls")) syscalls(mib);
     else if (!strcmp(m, "fork")) forked(mib);

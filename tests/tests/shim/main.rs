@@ -171,6 +171,39 @@ fn c_malloc_family_semantics() {
     heap_mode("family", 32);
 }
 
+/// Temporaries allocated and freed over and over while long-lived blocks
+/// are replaced: output as a plain run's (no freed block kept for reuse
+/// ever aliases a live one, calloc still zeroes), at a limit that pages.
+#[test]
+fn c_churning_temporaries_match_a_plain_run() {
+    let r = heap_mode("churn", 32);
+    assert_paged(&r, "churn");
+}
+
+/// Freed blocks are kept for reuse: the same churn faults in far fewer
+/// zero pages than with DMEM_KEEP_FREED=0 (every free dropped, every new
+/// block zero-filled by the pager), and both runs match the plain one.
+#[test]
+fn freed_blocks_are_reused_without_zero_filling_them_again() {
+    let bin = heap_bin();
+    let cmd = [bin.to_str().unwrap(), "churn", "16"];
+    let kept = same_as_plain("churn, blocks kept", "128M", &cmd, &[]);
+    let dropped = same_as_plain(
+        "churn, DMEM_KEEP_FREED=0",
+        "128M",
+        &cmd,
+        &[("DMEM_KEEP_FREED", "0")],
+    );
+    let (k, d) = (
+        n(&kept.stats, "/faults/zero"),
+        n(&dropped.stats, "/faults/zero"),
+    );
+    assert!(
+        d > 0 && k * 3 < d * 2,
+        "zero faults: {k} with freed blocks kept, {d} without; expected under two thirds"
+    );
+}
+
 #[test]
 fn c_threads_share_a_paged_heap() {
     let r = heap_mode("threads", 32);
