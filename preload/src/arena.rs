@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use crate::extents::{round_up, Extents, GRANULE};
 use crate::lock::SpinLock;
 use crate::sys;
-use crate::warm::{Evicted, Warm};
+use crate::warm::{Evicted, Warm, MAX_BLOCK};
 
 static BASE: AtomicU64 = AtomicU64::new(0);
 static END: AtomicU64 = AtomicU64::new(0);
@@ -85,15 +85,20 @@ pub fn alloc_any(size: usize, align: usize) -> *mut c_void {
     if EXTENTS.get().is_none() {
         return std::ptr::null_mut();
     }
-    let want = round_up(size.max(1) as u64, GRANULE);
-    if let Some((start, _)) = WARM.lock().take(want, align.max(1) as u64) {
-        return start as *mut c_void;
+    if size as u64 <= MAX_BLOCK {
+        let want = round_up(size.max(1) as u64, GRANULE);
+        if let Some((start, _)) = WARM.lock().take(want, align.max(1) as u64) {
+            return start as *mut c_void;
+        }
     }
     alloc(size, align)
 }
 
 /// Size of the block at `p` (0 if `p` does not start a block).
 pub fn usable_size(p: *const c_void) -> usize {
+    if WARM.lock().holds(p as u64) {
+        return 0; // freed
+    }
     extents().lock().len_at(p as u64).unwrap_or(0) as usize
 }
 
@@ -184,14 +189,15 @@ pub fn trim(start: u64, len: u64) {
 /// The program maps `[start, start+len)` itself (MAP_FIXED): its free
 /// pages become allocated. False when the range leaves the arena.
 pub fn claim(start: u64, len: u64) -> bool {
+    // Freed blocks kept for reuse there are free space to the program: they
+    // go back to the free lists first (whole), so the claim takes them.
+    let kept = WARM.lock().forget_overlapping(start, len);
+    drop_all(&kept);
     extents().lock().claim(start, len).is_ok()
 }
 
 /// Records a mapping of the program's own at `[start, start+len)`.
 pub fn mark_foreign(start: u64, len: u64) {
-    // Over memory the program had freed: that block is never handed out
-    // again (left allocated, as the program's mapping now sits in it).
-    let _ = WARM.lock().forget_overlapping(start, len);
     extents().lock().mark_foreign(start, len);
 }
 
@@ -213,6 +219,9 @@ pub fn grow_in_place(start: u64, len: u64) -> bool {
 /// Resizes the block at `p` (from the arena) to `size` bytes, in place
 /// when it can. Returns null (and leaves `p` alone) when no memory is left.
 pub fn realloc(p: *mut c_void, size: usize, min_alloc: usize) -> *mut c_void {
+    if WARM.lock().holds(p as u64) {
+        sys::die("dmem: realloc(): pointer to freed managed memory\n");
+    }
     let Some(old) = extents().lock().len_at(p as u64) else {
         sys::die("dmem: realloc(): invalid pointer into managed memory\n");
     };

@@ -116,6 +116,25 @@ static void churn(size_t mib) {
     enum { LIVE = 8 };
     uint64_t *live[LIVE];
     uint64_t tag[LIVE];
+    /* The program maps over memory it freed (glibc had unmapped it), then
+     * allocates again: its mapping reads zeros and nothing aliases it. */
+    size_t mb = 1 << 20;
+    uint64_t *f = malloc(mb);
+    churn_fill(f, mb, 77);
+    void *at = (void *)((uintptr_t)f & ~(uintptr_t)4095);
+    free(f);
+    uint64_t *m = mmap(at, mb, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    CHECK(m == at);
+    if (m == MAP_FAILED) exit(1);
+    CHECK(m[0] == 0 && m[mb / 8 - 1] == 0);
+    churn_fill(m, mb, 78);
+    uint64_t *g = malloc(mb);
+    churn_fill(g, mb, 79);
+    CHECK(g != m);
+    churn_check(m, mb, 78);
+    munmap(m, mb);
+    churn_check(g, mb, 79);
+    free(g);
     for (size_t i = 0; i < LIVE; i++) {
         live[i] = malloc(sizes[i % 4]);
         tag[i] = 1000 + i;
