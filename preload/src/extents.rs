@@ -250,8 +250,12 @@ impl Extents {
     }
 }
 
+/// `v` rounded up to a multiple of `to` (a power of two). Sizes too large
+/// to round saturate at the largest multiple, which no extent can hold, so
+/// `malloc(SIZE_MAX)` fails instead of wrapping to an empty block.
 pub fn round_up(v: u64, to: u64) -> u64 {
-    v.div_ceil(to) * to
+    v.checked_next_multiple_of(to)
+        .unwrap_or(u64::MAX & !(to - 1))
 }
 
 /// `[start, start+len)` rounded out to whole pages, as (lo, hi).
@@ -287,6 +291,15 @@ fn clip(parts: Vec<(u64, u64)>, lo: u64, hi: u64) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_too_large_to_round_fail_instead_of_wrapping() {
+        assert_eq!(round_up(u64::MAX, GRANULE), u64::MAX & !(GRANULE - 1));
+        assert_eq!(round_up(4097, GRANULE), 8192);
+        let mut e = Extents::new(0x1000_0000, 1 << 30);
+        assert_eq!(e.alloc(u64::MAX, 16), None);
+        assert_eq!(e.alloc(u64::MAX - 4095, 16), None);
+    }
 
     const B: u64 = 0x1000_0000;
 

@@ -76,6 +76,14 @@ static void family(size_t mib) {
     CHECK(realloc(malloc(big), 0) == NULL);
     /* overflow and argument checks */
     errno = 0;
+    CHECK(malloc(SIZE_MAX) == NULL && errno == ENOMEM);
+    unsigned char *keep = malloc(big);
+    memset(keep, 0x3C, big);
+    errno = 0;
+    CHECK(realloc(keep, SIZE_MAX) == NULL && errno == ENOMEM);
+    for (size_t i = 0; i < big; i += 4093) CHECK(keep[i] == 0x3C);
+    free(keep);
+    errno = 0;
     CHECK(calloc(SIZE_MAX / 2, 4) == NULL && errno == ENOMEM);
     errno = 0;
     CHECK(reallocarray(NULL, SIZE_MAX / 2, 4) == NULL && errno == ENOMEM);
