@@ -255,7 +255,7 @@ impl Extents {
 /// `malloc(SIZE_MAX)` fails instead of wrapping to an empty block.
 pub fn round_up(v: u64, to: u64) -> u64 {
     v.checked_next_multiple_of(to)
-        .unwrap_or(u64::MAX & !(to - 1))
+        .unwrap_or(!(to - 1))
 }
 
 /// `[start, start+len)` rounded out to whole pages, as (lo, hi).
@@ -294,7 +294,7 @@ mod tests {
 
     #[test]
     fn sizes_too_large_to_round_fail_instead_of_wrapping() {
-        assert_eq!(round_up(u64::MAX, GRANULE), u64::MAX & !(GRANULE - 1));
+        assert_eq!(round_up(u64::MAX, GRANULE), !(GRANULE - 1));
         assert_eq!(round_up(4097, GRANULE), 8192);
         let mut e = Extents::new(0x1000_0000, 1 << 30);
         assert_eq!(e.alloc(u64::MAX, 16), None);
