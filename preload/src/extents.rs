@@ -254,8 +254,7 @@ impl Extents {
 /// to round saturate at the largest multiple, which no extent can hold, so
 /// `malloc(SIZE_MAX)` fails instead of wrapping to an empty block.
 pub fn round_up(v: u64, to: u64) -> u64 {
-    v.checked_next_multiple_of(to)
-        .unwrap_or(!(to - 1))
+    v.checked_next_multiple_of(to).unwrap_or(!(to - 1))
 }
 
 /// `[start, start+len)` rounded out to whole pages, as (lo, hi).
