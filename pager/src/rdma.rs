@@ -118,6 +118,8 @@ impl Drop for Slot {
 
 /// A connected queue pair, its batches in flight and its poller.
 struct Link {
+    /// Declared first, so dropped first: the queue pair is destroyed
+    /// before the quarantined slots below go back to the pool.
     qp: QueuePair,
     /// The control connection's reconnect count when this was connected:
     /// a newer connection means the node dropped its side.
@@ -129,6 +131,12 @@ struct Link {
     done: Mutex<HashMap<u64, Option<String>>>,
     in_flight: AtomicU64,
     cv: Condvar,
+    /// Bounce slots of batches that did not complete (timed out, abandoned
+    /// unfinished, partly posted, or on a queue pair that failed): the NIC
+    /// may still write into them, so they go back to the pool only once
+    /// this queue pair is destroyed. Handing one out earlier could let a
+    /// late READ overwrite another batch's data.
+    quarantine: Mutex<Vec<Slot>>,
 }
 
 impl Link {
@@ -191,6 +199,14 @@ impl Link {
         warn!("RDMA queue pair failed: {why}");
         self.broken.store(true, Ordering::Release);
         self.cv.notify_all();
+    }
+
+    /// Keeps `slot` until this queue pair is gone, and marks the pair
+    /// broken so that the next batch connects a new one (and this one can
+    /// be dropped).
+    fn quarantine(&self, slot: Slot) {
+        self.broken.store(true, Ordering::Release);
+        crate::lock(&self.quarantine).push(slot);
     }
 
     /// Waits for batch `id`; Err with the reason when it failed, the queue
@@ -297,6 +313,7 @@ impl Inner {
             done: Mutex::new(HashMap::new()),
             in_flight: AtomicU64::new(0),
             cv: Condvar::new(),
+            quarantine: Mutex::new(Vec::new()),
         });
         let poller = Arc::clone(&link);
         std::thread::Builder::new()
@@ -385,17 +402,22 @@ fn post(
     ext: &[Extent],
     data: Option<&[u8]>,
 ) -> Result<Box<dyn Completion>, RemoteError> {
+    // The link first: a broken one is replaced (and, once its batches
+    // are settled, dropped with its quarantine) before a slot is taken.
+    let link = t.link()?;
     let slot = t.bounce.acquire();
     let ops = t.ops(ext, &slot, data.is_some())?;
     if let Some(d) = data {
         slot.write(d);
     }
-    let link = t.link()?;
     let id = link.next_id.fetch_add(1, Ordering::Relaxed);
     link.in_flight.fetch_add(1, Ordering::AcqRel);
     if let Err(e) = link.qp.post(&ops, id) {
         link.in_flight.fetch_sub(1, Ordering::AcqRel);
         link.fail(&e.to_string());
+        // Part of the chain may have been posted, with no completion to
+        // wait for.
+        link.quarantine(slot);
         return Err(RemoteError::Rdma(e.to_string()));
     }
     Ok(Box::new(RdmaCompletion {
@@ -423,39 +445,58 @@ struct RdmaCompletion {
 impl Completion for RdmaCompletion {
     fn abandon(self: Box<Self>) {
         // The NIC may still write into the slot: it goes back to the pool
-        // only once the work request has completed (or the wait gave up).
-        let _ = self.link.wait(self.id, self.t.timeout);
+        // once the work request has completed, or with its queue pair.
+        if self.link.wait(self.id, self.t.timeout).is_err() {
+            self.link.quarantine(self.slot);
+        }
     }
 
     fn wait(self: Box<Self>, out: &mut [u8]) -> Result<(), RemoteError> {
-        if !self.write && out.len() != self.len {
+        // Settled before anything else, even a caller's wrong size, so the
+        // slot is never released under a request still in flight.
+        let done = self.link.wait(self.id, self.t.timeout);
+        let RdmaCompletion {
+            t,
+            link,
+            slot,
+            ext,
+            len,
+            write,
+            ..
+        } = *self;
+        if !write && out.len() != len {
+            if done.is_err() {
+                link.quarantine(slot);
+            }
             return Err(RemoteError::Client(ClientError::ShortRead {
-                got: self.len,
+                got: len,
                 want: out.len(),
             }));
         }
-        match self.link.wait(self.id, self.t.timeout) {
+        match done {
             Ok(()) => {
-                if !self.write {
-                    self.slot.read(out);
+                if !write {
+                    slot.read(out);
                 }
                 Ok(())
             }
             Err(why) => {
                 // Redo it over TCP: the node's slabs are the same.
                 warn!(
-                    memnode = self.t.tcp.addr(),
+                    memnode = t.tcp.addr(),
                     "RDMA batch failed ({why}); redone over TCP"
                 );
-                self.link.broken.store(true, Ordering::Release);
-                let c = self.t.tcp.client();
-                if self.write {
-                    let mut data = vec![0u8; self.len];
-                    self.slot.read(&mut data);
-                    Ok(c.write(&self.ext, &data)?)
+                let c = t.tcp.client();
+                let r = if write {
+                    let mut data = vec![0u8; len];
+                    slot.read(&mut data);
+                    link.quarantine(slot);
+                    c.write(&ext, &data)
                 } else {
-                    Ok(c.read_into(&self.ext, out)?)
-                }
+                    link.quarantine(slot);
+                    c.read_into(&ext, out)
+                };
+                Ok(r?)
             }
         }
     }
