@@ -53,6 +53,11 @@ impl Warm {
         self.blocks[..self.n].iter().any(|&(s, _)| s == start)
     }
 
+    /// Whether `[start, start+len)` is exactly a kept block.
+    pub fn holds_block(&self, start: u64, len: u64) -> bool {
+        self.blocks[..self.n].contains(&(start, len))
+    }
+
     /// Keeps the freed block `[start, start+len)`. Returns the blocks that
     /// must be dropped for real instead: the block itself when it does not
     /// fit, else the oldest ones pushed out to make room (at most `SLOTS`).
@@ -141,6 +146,11 @@ mod tests {
         w.set_budget(64 * M);
         assert!(list(&w.keep(0x10_0000, 4 * M)).is_empty());
         assert!(w.holds(0x10_0000));
+        assert!(w.holds_block(0x10_0000, 4 * M));
+        assert!(
+            !w.holds_block(0x10_0000, 8 * M),
+            "a longer block is not the kept one"
+        );
         assert_eq!(w.take(4 * M, 16), Some((0x10_0000, 4 * M)));
         assert!(!w.holds(0x10_0000));
         assert_eq!(w.take(4 * M, 16), None, "taken once only");

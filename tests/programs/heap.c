@@ -244,6 +244,36 @@ static void forked(size_t mib) {
     free(a);
 }
 
+/* fork() with a freed block kept for reuse and a live block both evicted:
+ * the child sees the live block intact; the freed one is not brought back
+ * (the test checks that in the pager's stats). `mib` is the heap that
+ * pushes both out, freed before the fork. */
+static void fork_kept(size_t mib) {
+    size_t cn = (1 << 20) / 8, an = (4 << 20) / 8, sn = (40 << 20) / 8, bn = (mib << 20) / 8;
+    uint64_t *c = malloc(cn * 8);
+    churn_fill(c, cn * 8, 7);
+    uint64_t *spacer = malloc(sn * 8); /* keeps prefetch off the freed block */
+    churn_fill(spacer, sn * 8, 9);
+    uint64_t *a = malloc(an * 8);
+    churn_fill(a, an * 8, 8);
+    free(spacer);
+    free(a);
+    uint64_t *b = malloc(bn * 8);
+    churn_fill(b, bn * 8, 10);
+    free(b);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (size_t i = 0; i < cn; i++) if (c[i] != val(i, 7)) _exit(1);
+        _exit(0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    churn_check(c, cn * 8, 7);
+    free(c);
+}
+
 /* The mmap family on a large anonymous mapping (managed under dmem): data
  * survives eviction, munmap then MAP_FIXED and MAP_FIXED over live data
  * give zeros, a file mapped over part of it reads the file, and mremap
@@ -337,6 +367,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(m, "threads")) threads(mib);
     else if (!strcmp(m, "syscalls")) syscalls(mib);
     else if (!strcmp(m, "fork")) forked(mib);
+    else if (!strcmp(m, "fork-kept")) fork_kept(mib);
     else if (!strcmp(m, "mmap")) mapped(mib);
     else if (!strcmp(m, "forever")) forever(mib);
     else { fprintf(stderr, "unknown mode %s\n", m); return 2; }

@@ -222,6 +222,27 @@ fn c_fork_parent_and_child_each_see_their_own_memory() {
     assert_paged(&r, "fork");
 }
 
+/// At fork the parent brings back its evicted pages for the child, but not
+/// those of freed blocks kept for reuse: nobody's data is there. The live
+/// 1 MiB block comes back (the child checks it); the kept 4 MiB one stays
+/// out, so under 3 MiB is fetched (over 5 MiB before 2026-12-02).
+#[test]
+fn fork_brings_back_live_blocks_but_not_kept_freed_ones() {
+    let bin = heap_bin();
+    let cmd = [bin.to_str().unwrap(), "fork-kept", "192"];
+    let r = same_as_plain("fork with a kept block", "64M", &cmd, &[]);
+    let fetched = n(&r.stats, "/bytes_fetched");
+    assert!(
+        n(&r.stats, "/evictions") > 0 && fetched >= 1 << 20,
+        "the live block was not evicted and brought back (stats {})",
+        r.stats
+    );
+    assert!(
+        fetched < 3 << 20,
+        "{fetched} bytes fetched: the kept freed block was brought back at fork"
+    );
+}
+
 const NUMPY_JOB: &str = r#"
 import hashlib, sys
 import numpy as np
