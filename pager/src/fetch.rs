@@ -355,8 +355,8 @@ fn revert(s: &Session, st: &mut State, pages: &[Claimed]) {
 
 /// Why a read of a batch's pages failed.
 enum Failed {
-    /// A node did not deliver (`usize::MAX`: no replica left to ask).
-    Read(usize, String),
+    /// A node did not deliver (`None`: a page had no replica left to ask).
+    Read(Option<usize>, String),
     /// A page (at this address) failed its checksum, read from that node.
     Corrupt(Option<usize>, u64),
 }
@@ -379,13 +379,14 @@ fn refetch(
             .space
             .nodes()
             .get(n)
-            .map_or_else(|| "(none left)".to_owned(), |t| t.addr().to_owned())
+            .map_or_else(|| "?".to_owned(), |t| t.addr().to_owned())
     };
-    let read_failed = |addr: u64, n: usize, e: &str| {
-        format!(
+    let read_failed = |addr: u64, n: Option<usize>, e: &str| match n {
+        Some(n) => format!(
             "page {addr:#x} could not be fetched from memory node {}: {e}",
             node_name(n)
-        )
+        ),
+        None => format!("page {addr:#x} could not be fetched: {e}"),
     };
     let corrupt = |n: Option<usize>, page: u64| {
         format!(
@@ -397,7 +398,7 @@ fn refetch(
     let (mut why, batch_avoid, bad_page) = match failed {
         Failed::Read(n, e) => (
             read_failed(pages.first().map_or(0, |c| c.page), n, &e),
-            Some(n),
+            n,
             None,
         ),
         Failed::Corrupt(n, page) => (corrupt(n, page), None, Some((n, page))),
@@ -407,10 +408,7 @@ fn refetch(
     }
     tracing::warn!("{why}; trying the other replicas");
     for (i, c) in pages.iter().enumerate() {
-        let mut avoid: Vec<usize> = batch_avoid
-            .filter(|&n| n != usize::MAX)
-            .into_iter()
-            .collect();
+        let mut avoid: Vec<usize> = batch_avoid.into_iter().collect();
         if let Some((Some(n), page)) = bad_page {
             if page == c.page {
                 avoid.push(n);
@@ -420,9 +418,9 @@ fn refetch(
         loop {
             let b = Batch::read(&pager.space, &slots[i..=i], &avoid);
             match b.post_read().and_then(|p| b.finish_read(p, dst, scratch)) {
-                Err((n, e)) if n == usize::MAX => return Err(format!("{why}; {e}")),
-                Err((n, e)) => {
-                    why = read_failed(c.page, n, &e.to_string());
+                Err((None, e)) => return Err(format!("{why}; {e}")),
+                Err((Some(n), e)) => {
+                    why = read_failed(c.page, Some(n), &e.to_string());
                     avoid.push(n);
                 }
                 Ok(()) => {

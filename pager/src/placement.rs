@@ -774,6 +774,10 @@ impl SlotSpace {
 /// Reads in flight, by node, with when they were posted.
 pub type Posted = Vec<(usize, Box<dyn crate::remote::Completion>, Instant)>;
 
+/// A failed read: the node that failed it, or `None` when some page had
+/// no replica left to ask.
+pub type ReadFailure = (Option<usize>, RemoteError);
+
 /// A batch of page transfers to or from slots, split by node and posted
 /// together so they travel in parallel.
 pub struct Batch<'a> {
@@ -848,9 +852,9 @@ impl<'a> Batch<'a> {
     }
 
     /// Posts the reads on every node involved; `finish_read` collects them.
-    pub fn post_read(&self) -> Result<Posted, (usize, RemoteError)> {
+    pub fn post_read(&self) -> Result<Posted, ReadFailure> {
         if self.unreadable {
-            return Err((usize::MAX, RemoteError::NoNodes));
+            return Err((None, RemoteError::NoNodes));
         }
         let mut posted = Vec::new();
         for (node, (ext, _)) in self.per_node.iter().enumerate() {
@@ -859,7 +863,7 @@ impl<'a> Batch<'a> {
                     Ok(c) => posted.push((node, c, Instant::now())),
                     Err(e) => {
                         self.space.node_failed(node, &e);
-                        return Err((node, e));
+                        return Err((Some(node), e));
                     }
                 }
             }
@@ -876,7 +880,7 @@ impl<'a> Batch<'a> {
         posted: Posted,
         out: &mut [u8],
         scratch: &mut Vec<u8>,
-    ) -> Result<(), (usize, RemoteError)> {
+    ) -> Result<(), ReadFailure> {
         assert!(out.len() >= self.pages * PAGE);
         let mut first_err = None;
         for (node, c, at) in posted {
@@ -896,7 +900,7 @@ impl<'a> Batch<'a> {
             };
             if let Err(e) = result {
                 self.space.node_failed(node, &e);
-                first_err.get_or_insert((node, e));
+                first_err.get_or_insert((Some(node), e));
                 continue;
             }
             self.space.note_read(node, at.elapsed());
