@@ -357,6 +357,7 @@ pub fn run(a: Args) -> Result<(), String> {
         socket: a.socket.clone(),
         arena_len: pages * PAGE,
         local_limit: a.limit,
+        on_evicted: None,
     })
     .map_err(|e| format!("attach to the pager: {e}"))?;
     let w = Worker {

@@ -50,6 +50,10 @@ pub struct AppConfig {
     pub arena_len: usize,
     /// Requested local limit in bytes (0 = the pager's default).
     pub local_limit: u64,
+    /// Called on the agent thread after each eviction batch is answered,
+    /// with the victims' addresses in ascending order (libdmem drops the
+    /// freed blocks it keeps for reuse that the batch reached).
+    pub on_evicted: Option<fn(&[u64])>,
 }
 
 /// A live session: the arena stays registered for the life of the process.
@@ -137,6 +141,7 @@ impl AppSession {
         let base = arena.addr();
         let reg_uffd = uffd.as_raw_fd();
         let limit = cfg.local_limit;
+        let on_evicted = cfg.on_evicted;
         let agent = std::thread::Builder::new()
             .name("dmem-agent".into())
             .spawn(move || {
@@ -150,7 +155,7 @@ impl AppSession {
                         let _ = std::thread::Builder::new()
                             .name("dmem-watchdog".into())
                             .spawn(move || watchdog(&watched));
-                        agent_loop(&sock, &staging);
+                        agent_loop(&sock, &staging, on_evicted);
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -285,7 +290,7 @@ fn die(msg: &str) -> ! {
     std::process::abort();
 }
 
-fn agent_loop(sock: &OwnedFd, staging: &Mapping) {
+fn agent_loop(sock: &OwnedFd, staging: &Mapping, on_evicted: Option<fn(&[u64])>) {
     let mut buf = vec![0u8; MAX_MSG];
     let mut page = vec![0u8; PAGE];
     let out = MoveOut::new();
@@ -310,6 +315,11 @@ fn agent_loop(sock: &OwnedFd, staging: &Mapping) {
                 }
                 if let Some(o) = &out {
                     o.clear(entries.len());
+                }
+                if let Some(f) = on_evicted {
+                    let mut victims: Vec<u64> = entries.iter().map(|e| e.addr).collect();
+                    victims.sort_unstable();
+                    f(&victims);
                 }
             }
             Msg::Fatal(why) => die(&why),

@@ -128,6 +128,19 @@ pub fn free(p: *mut c_void) {
     drop_all(&out);
 }
 
+/// The pager evicted `victims` (ascending): kept freed blocks among them
+/// are dropped now. Their pages sit in the pager's cache tier, dirty; left
+/// there they would be written back to a memory node and fetched again if
+/// the block were reused, all for content nobody needs. Dropped, they cost
+/// nothing, and a reuse gets zero-filled pages. Kept blocks the evictor has
+/// not reached stay for reuse. (Runs on the agent thread, between batches;
+/// a victim freed this way is the app freeing a victim, which the pager
+/// already handles.)
+pub fn drop_kept_evicted(victims: &[u64]) {
+    let out = WARM.lock().forget_holding(victims);
+    drop_all(&out);
+}
+
 /// Drops blocks that leave the warm table for real.
 fn drop_all(blocks: &Evicted) {
     for (start, len) in blocks.iter() {

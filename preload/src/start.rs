@@ -32,6 +32,7 @@ pub fn start() {
         socket: cfg.socket.clone(),
         arena_len: cfg.arena,
         local_limit: cfg.local_limit,
+        on_evicted: Some(arena::drop_kept_evicted),
     };
     match AppSession::attach(&app_cfg) {
         Ok(app) => {

@@ -102,6 +102,23 @@ impl Warm {
         out
     }
 
+    /// Forgets every kept block holding one of `sorted` (ascending
+    /// addresses) and returns them.
+    pub fn forget_holding(&mut self, sorted: &[u64]) -> Evicted {
+        let mut out = Evicted::default();
+        let mut i = 0;
+        while i < self.n {
+            let (s, l) = self.blocks[i];
+            let first = sorted.partition_point(|&a| a < s);
+            if sorted.get(first).is_some_and(|&a| a < s + l) {
+                out.push(self.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
     fn remove(&mut self, i: usize) -> (u64, u64) {
         let b = self.blocks[i];
         self.blocks.copy_within(i + 1..self.n, i);
@@ -214,5 +231,20 @@ mod tests {
         assert_eq!(w.bytes(), 2 * M);
         assert_eq!(w.take(M, 16), Some((4 * M, M)));
         assert_eq!(w.take(M, 16), Some((0, M)));
+    }
+
+    #[test]
+    fn blocks_holding_an_evicted_page_are_forgotten() {
+        let mut w = Warm::new();
+        w.set_budget(64 * M);
+        let _ = w.keep(0, M);
+        let _ = w.keep(2 * M, M);
+        let _ = w.keep(4 * M, M);
+        // A victim just past the first block, one inside the third.
+        let victims = [M, M + 4096, 4 * M + 8192, 9 * M];
+        assert_eq!(list(&w.forget_holding(&victims)), vec![(4 * M, M)]);
+        assert_eq!(list(&w.forget_holding(&[2 * M])), vec![(2 * M, M)]);
+        assert_eq!(list(&w.forget_holding(&[])), vec![]);
+        assert_eq!(w.bytes(), M);
     }
 }

@@ -274,6 +274,31 @@ static void fork_kept(size_t mib) {
     free(c);
 }
 
+/* A freed block kept for reuse is evicted along with live data; a block
+ * of its size is then allocated and used. The test checks in the pager's
+ * stats that the kept block was dropped when evicted (not written back and
+ * fetched again for the new owner). */
+static void evict_kept(size_t mib) {
+    size_t cn = (1 << 20) / 8, an = (4 << 20) / 8, sn = (40 << 20) / 8, bn = (mib << 20) / 8;
+    uint64_t *c = malloc(cn * 8);
+    churn_fill(c, cn * 8, 7);
+    uint64_t *spacer = malloc(sn * 8);
+    churn_fill(spacer, sn * 8, 9);
+    uint64_t *a = malloc(an * 8);
+    churn_fill(a, an * 8, 8);
+    free(spacer);
+    free(a);
+    uint64_t *b = malloc(bn * 8);
+    churn_fill(b, bn * 8, 10);
+    free(b);
+    uint64_t *r = malloc(an * 8);
+    churn_fill(r, an * 8, 11);
+    churn_check(r, an * 8, 11);
+    churn_check(c, cn * 8, 7);
+    free(r);
+    free(c);
+}
+
 /* The mmap family on a large anonymous mapping (managed under dmem): data
  * survives eviction, munmap then MAP_FIXED and MAP_FIXED over live data
  * give zeros, a file mapped over part of it reads the file, and mremap
@@ -368,6 +393,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(m, "syscalls")) syscalls(mib);
     else if (!strcmp(m, "fork")) forked(mib);
     else if (!strcmp(m, "fork-kept")) fork_kept(mib);
+    else if (!strcmp(m, "evict-kept")) evict_kept(mib);
     else if (!strcmp(m, "mmap")) mapped(mib);
     else if (!strcmp(m, "forever")) forever(mib);
     else { fprintf(stderr, "unknown mode %s\n", m); return 2; }

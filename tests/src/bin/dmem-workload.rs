@@ -139,6 +139,7 @@ fn main() -> ExitCode {
         socket: args.socket.clone(),
         arena_len: arena,
         local_limit: args.limit,
+        on_evicted: None,
     }) {
         Ok(s) => s,
         Err(e) => {

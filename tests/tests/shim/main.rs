@@ -243,6 +243,27 @@ fn fork_brings_back_live_blocks_but_not_kept_freed_ones() {
     );
 }
 
+/// A freed block kept for reuse that the evictor reaches is dropped, not
+/// written back: the next block of its size is zero-filled, not fetched.
+/// Only the live 1 MiB block is fetched (5 MiB before 2026-12-02, when the
+/// new owner fetched the kept block's 4 MiB back).
+#[test]
+fn kept_freed_blocks_reached_by_eviction_are_dropped_not_fetched_back() {
+    let bin = heap_bin();
+    let cmd = [bin.to_str().unwrap(), "evict-kept", "192"];
+    let r = same_as_plain("eviction of a kept block", "64M", &cmd, &[]);
+    let fetched = n(&r.stats, "/bytes_fetched");
+    assert!(
+        n(&r.stats, "/evictions") > 0 && fetched >= 1 << 20,
+        "the live block was not evicted and fetched back (stats {})",
+        r.stats
+    );
+    assert!(
+        fetched < 3 << 20,
+        "{fetched} bytes fetched: the evicted kept block was fetched back for its new owner"
+    );
+}
+
 const NUMPY_JOB: &str = r#"
 import hashlib, sys
 import numpy as np
