@@ -197,7 +197,15 @@ impl Link {
 
     fn fail(&self, why: &str) {
         warn!("RDMA queue pair failed: {why}");
+        self.break_off();
+    }
+
+    /// Marks the pair broken and wakes every waiter. The lock is taken
+    /// between the two so that a waiter that saw it unbroken is already
+    /// waiting when the wake-up comes (else it would sleep out its timeout).
+    fn break_off(&self) {
         self.broken.store(true, Ordering::Release);
+        drop(crate::lock(&self.done));
         self.cv.notify_all();
     }
 
@@ -333,7 +341,11 @@ impl Inner {
             if !stale && !l.broken.load(Ordering::Acquire) {
                 return Ok(Arc::clone(l));
             }
+            // Waiters on it fail over to TCP now (their slots are
+            // quarantined) instead of waiting out the timeout for
+            // completions its stopped poller will never take.
             l.stop.store(true, Ordering::Release);
+            l.break_off();
         }
         *cur = None;
         let l = self.connect_link()?;
