@@ -498,17 +498,17 @@ impl Completion for RdmaCompletion {
                     memnode = t.tcp.addr(),
                     "RDMA batch failed ({why}); redone over TCP"
                 );
+                let data = write.then(|| {
+                    let mut d = vec![0u8; len];
+                    slot.read(&mut d);
+                    d
+                });
+                link.quarantine(slot);
                 let c = t.tcp.client();
-                let r = if write {
-                    let mut data = vec![0u8; len];
-                    slot.read(&mut data);
-                    link.quarantine(slot);
-                    c.write(&ext, &data)
-                } else {
-                    link.quarantine(slot);
-                    c.read_into(&ext, out)
-                };
-                Ok(r?)
+                match data {
+                    Some(d) => Ok(c.write(&ext, &d)?),
+                    None => Ok(c.read_into(&ext, out)?),
+                }
             }
         }
     }

@@ -219,13 +219,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn overlapping_blocks_are_forgotten() {
+    /// Kept blocks of 1 MiB at 0, 2 and 4 MiB.
+    fn three_blocks() -> Warm {
         let mut w = Warm::new();
         w.set_budget(64 * M);
-        let _ = w.keep(0, M);
-        let _ = w.keep(2 * M, M);
-        let _ = w.keep(4 * M, M);
+        for start in [0, 2 * M, 4 * M] {
+            assert!(list(&w.keep(start, M)).is_empty());
+        }
+        w
+    }
+
+    #[test]
+    fn overlapping_blocks_are_forgotten() {
+        let mut w = three_blocks();
         assert_eq!(list(&w.forget_overlapping(M + 4096, M)), vec![(2 * M, M)]);
         assert_eq!(list(&w.forget_overlapping(M, 4096)), vec![]);
         assert_eq!(w.bytes(), 2 * M);
@@ -235,11 +241,7 @@ mod tests {
 
     #[test]
     fn blocks_holding_an_evicted_page_are_forgotten() {
-        let mut w = Warm::new();
-        w.set_budget(64 * M);
-        let _ = w.keep(0, M);
-        let _ = w.keep(2 * M, M);
-        let _ = w.keep(4 * M, M);
+        let mut w = three_blocks();
         // A victim just past the first block, one inside the third.
         let victims = [M, M + 4096, 4 * M + 8192, 9 * M];
         assert_eq!(list(&w.forget_holding(&victims)), vec![(4 * M, M)]);

@@ -244,23 +244,37 @@ static void forked(size_t mib) {
     free(a);
 }
 
-/* fork() with a freed block kept for reuse and a live block both evicted:
- * the child sees the live block intact; the freed one is not brought back
- * (the test checks that in the pager's stats). `mib` is the heap that
- * pushes both out, freed before the fork. */
-static void fork_kept(size_t mib) {
+/* The setup of the kept-block modes: a live 1 MiB block (returned, filled
+ * with tag 7) and a freed 4 MiB block kept for reuse are both pushed out
+ * by a heap of `mib` MiB, freed again. A 40 MiB spacer, freed, keeps the
+ * prefetch of the live block off the kept one. */
+/* Frees `p` after letting it escape, so the compiler cannot drop the
+ * writes into it (a malloc filled and freed unread may be elided). */
+static void *volatile escaped;
+static void escape_free(void *p) { escaped = p; free(p); }
+
+static uint64_t *live_and_kept_evicted(size_t mib) {
     size_t cn = (1 << 20) / 8, an = (4 << 20) / 8, sn = (40 << 20) / 8, bn = (mib << 20) / 8;
     uint64_t *c = malloc(cn * 8);
     churn_fill(c, cn * 8, 7);
-    uint64_t *spacer = malloc(sn * 8); /* keeps prefetch off the freed block */
+    uint64_t *spacer = malloc(sn * 8);
     churn_fill(spacer, sn * 8, 9);
     uint64_t *a = malloc(an * 8);
     churn_fill(a, an * 8, 8);
-    free(spacer);
-    free(a);
+    escape_free(spacer);
+    escape_free(a);
     uint64_t *b = malloc(bn * 8);
     churn_fill(b, bn * 8, 10);
-    free(b);
+    escape_free(b);
+    return c;
+}
+
+/* fork() with a freed block kept for reuse and a live block both evicted:
+ * the child sees the live block intact; the freed one is not brought back
+ * (the test checks that in the pager's stats). */
+static void fork_kept(size_t mib) {
+    size_t cn = (1 << 20) / 8;
+    uint64_t *c = live_and_kept_evicted(mib);
     fflush(stdout);
     pid_t pid = fork();
     if (pid == 0) {
@@ -279,18 +293,8 @@ static void fork_kept(size_t mib) {
  * stats that the kept block was dropped when evicted (not written back and
  * fetched again for the new owner). */
 static void evict_kept(size_t mib) {
-    size_t cn = (1 << 20) / 8, an = (4 << 20) / 8, sn = (40 << 20) / 8, bn = (mib << 20) / 8;
-    uint64_t *c = malloc(cn * 8);
-    churn_fill(c, cn * 8, 7);
-    uint64_t *spacer = malloc(sn * 8);
-    churn_fill(spacer, sn * 8, 9);
-    uint64_t *a = malloc(an * 8);
-    churn_fill(a, an * 8, 8);
-    free(spacer);
-    free(a);
-    uint64_t *b = malloc(bn * 8);
-    churn_fill(b, bn * 8, 10);
-    free(b);
+    size_t cn = (1 << 20) / 8, an = (4 << 20) / 8;
+    uint64_t *c = live_and_kept_evicted(mib);
     uint64_t *r = malloc(an * 8);
     churn_fill(r, an * 8, 11);
     churn_check(r, an * 8, 11);

@@ -222,24 +222,32 @@ fn c_fork_parent_and_child_each_see_their_own_memory() {
     assert_paged(&r, "fork");
 }
 
+/// Runs heap.c's kept-block `mode` (a live 1 MiB block and a kept 4 MiB
+/// freed block, both evicted) and checks that the live block was fetched
+/// back and the kept one was not (`why` says how it would have been).
+fn only_the_live_block_is_fetched(mode: &str, what: &str, why: &str) {
+    let bin = heap_bin();
+    let cmd = [bin.to_str().unwrap(), mode, "192"];
+    let r = same_as_plain(what, "64M", &cmd, &[]);
+    let fetched = n(&r.stats, "/bytes_fetched");
+    assert!(
+        n(&r.stats, "/evictions") > 0 && fetched >= 1 << 20,
+        "{what}: the live block was not evicted and fetched back (stats {})",
+        r.stats
+    );
+    assert!(fetched < 3 << 20, "{what}: {fetched} bytes fetched: {why}");
+}
+
 /// At fork the parent brings back its evicted pages for the child, but not
 /// those of freed blocks kept for reuse: nobody's data is there. The live
 /// 1 MiB block comes back (the child checks it); the kept 4 MiB one stays
 /// out, so under 3 MiB is fetched (over 5 MiB before 2026-12-02).
 #[test]
 fn fork_brings_back_live_blocks_but_not_kept_freed_ones() {
-    let bin = heap_bin();
-    let cmd = [bin.to_str().unwrap(), "fork-kept", "192"];
-    let r = same_as_plain("fork with a kept block", "64M", &cmd, &[]);
-    let fetched = n(&r.stats, "/bytes_fetched");
-    assert!(
-        n(&r.stats, "/evictions") > 0 && fetched >= 1 << 20,
-        "the live block was not evicted and brought back (stats {})",
-        r.stats
-    );
-    assert!(
-        fetched < 3 << 20,
-        "{fetched} bytes fetched: the kept freed block was brought back at fork"
+    only_the_live_block_is_fetched(
+        "fork-kept",
+        "fork with a kept block",
+        "the kept freed block was brought back at fork",
     );
 }
 
@@ -249,18 +257,10 @@ fn fork_brings_back_live_blocks_but_not_kept_freed_ones() {
 /// new owner fetched the kept block's 4 MiB back).
 #[test]
 fn kept_freed_blocks_reached_by_eviction_are_dropped_not_fetched_back() {
-    let bin = heap_bin();
-    let cmd = [bin.to_str().unwrap(), "evict-kept", "192"];
-    let r = same_as_plain("eviction of a kept block", "64M", &cmd, &[]);
-    let fetched = n(&r.stats, "/bytes_fetched");
-    assert!(
-        n(&r.stats, "/evictions") > 0 && fetched >= 1 << 20,
-        "the live block was not evicted and fetched back (stats {})",
-        r.stats
-    );
-    assert!(
-        fetched < 3 << 20,
-        "{fetched} bytes fetched: the evicted kept block was fetched back for its new owner"
+    only_the_live_block_is_fetched(
+        "evict-kept",
+        "eviction of a kept block",
+        "the evicted kept block was fetched back for its new owner",
     );
 }
 
