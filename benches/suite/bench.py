@@ -383,8 +383,14 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def plots(report, out: Path):
-    import matplotlib
+def plots(report, out: Path) -> bool:
+    """Draws the figures; False (and a line) when matplotlib is missing,
+    so that a run started without scripts/bench.sh keeps its results."""
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed (scripts/bench.sh installs it): no plots")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ws = report["workloads"]
@@ -433,6 +439,7 @@ def plots(report, out: Path):
         ax.set_title("dmem 4 KiB read-fault latency CDF")
         fig.tight_layout()
         fig.savefig(out / "fault-latency-cdf.png", dpi=110)
+    return True
 
 
 def main():
@@ -486,9 +493,10 @@ def main():
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
     (out / "results.md").write_text(md)
-    plots(report, out)
     print(md)
-    made = ["results.json", "results.md", "slowdown.png"] + (["fault-latency-cdf.png"] if "fault_latency" in report else [])
+    made = ["results.json", "results.md"]
+    if plots(report, out):
+        made += ["slowdown.png"] + (["fault-latency-cdf.png"] if "fault_latency" in report else [])
     log(f"done in {report['seconds']:.0f} s: {out}/ " + ", ".join(made))
 
 
