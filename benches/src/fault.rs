@@ -19,7 +19,12 @@
 //! Telling where a dmem fault was served from takes a pager stats query
 //! after every timed fault (a few hundred µs, untimed). So that every
 //! contender starts from the same state, each timed fault or ping, floors
-//! included, follows the same busy-wait (`--gap-us`). On a VM this matters:
+//! included, follows the same busy-wait (`--gap-us`), made of `sched_yield`
+//! calls so that what the query left running in the pager (its thread
+//! exiting) finishes in the pause rather than at the head of the next timed
+//! fault, where a plain busy-wait on one pinned CPU left it until
+//! 2026-12-03 (cache-tier p50 ~28-32 µs then against ~24-26 µs with yields,
+//! the floors unchanged). On a VM the pause matters:
 //! a thread woken on a vCPU that has been idle for a while costs tens of µs
 //! more than one woken on a busy vCPU, and which happens shifts from round
 //! to round. `--pin-cpu N` puts everything on one CPU, where every hand-off
@@ -104,11 +109,12 @@ pub struct Args {
     /// The pagers' cache tier (--cache).
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     cache: u64,
-    /// Busy-wait before every timed fault or ping, floors included, in µs.
-    /// The dmem faults need a pager stats query between samples to tell
-    /// where each was served from; the pause lets the pager go quiet after
-    /// it, and the floors get the same pause so that every contender starts
-    /// from the same state.
+    /// Busy-wait before every timed fault or ping, floors included, in µs,
+    /// calling `sched_yield`. The dmem faults need a pager stats query
+    /// between samples to tell where each was served from; yielding lets the
+    /// pager finish the query's work while the CPU stays awake, and the
+    /// floors get the same pause so that every contender starts from the
+    /// same state.
     #[arg(long, default_value_t = 200)]
     gap_us: u64,
     /// Pin the benchmark and every process it starts (memory node, pagers,
@@ -971,7 +977,7 @@ fn print_table(r: &Report) {
         short_size(r.block_bytes)
     );
     println!(
-        "every timed fault or ping follows a {} us busy-wait (--gap-us); {}",
+        "every timed fault or ping follows a {} us busy-wait of sched_yield calls (--gap-us); {}",
         r.gap_us,
         match r.pinned_cpu {
             Some(c) => format!("everything pinned to CPU {c} (--pin-cpu)"),

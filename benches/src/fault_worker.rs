@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::stats::Rng;
-use crate::sys::{read_word, resident, spin_for, write_word, PAGE};
+use crate::sys::{pause, read_word, resident, write_word, PAGE};
 
 const WORDS: usize = PAGE / 8;
 
@@ -232,7 +232,7 @@ impl Worker {
                 r.skipped_resident += 1;
                 continue;
             }
-            spin_for(gap);
+            pause(gap);
             let t = Instant::now();
             let got = read_word(addr);
             let ns = t.elapsed().as_nanos() as u64;

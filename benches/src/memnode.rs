@@ -525,7 +525,7 @@ impl Floors {
         Ok(Floors { ping, stream })
     }
 
-    /// 16 B request, 4 KiB reply, one at a time, each after busy-waiting
+    /// 16 B request, 4 KiB reply, one at a time, each after a busy-wait of yields for
     /// `gap`: (p50, p99) in µs.
     pub(crate) fn ping_pong(&self, samples: usize, gap: Duration) -> Result<(f64, f64), String> {
         let io = |e: std::io::Error| format!("bare ping-pong: {e}");
@@ -535,7 +535,7 @@ impl Floors {
         let mut h = latency_histogram();
         let warmup = (samples / 10).clamp(100, 2_000);
         for i in 0..warmup + samples {
-            crate::sys::spin_for(gap);
+            crate::sys::pause(gap);
             let t = Instant::now();
             s.write_all(&req).map_err(io)?;
             s.read_exact(&mut reply).map_err(io)?;

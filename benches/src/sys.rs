@@ -29,16 +29,17 @@ pub(crate) fn write_word(addr: u64, v: u64) {
     unsafe { (addr as *mut u64).write_volatile(v) }
 }
 
-/// Busy-waits for `d`: keeps this thread's CPU awake (no idle state to
-/// leave) while other threads go quiet, the same before every timed
-/// operation of every contender.
-pub(crate) fn spin_for(d: std::time::Duration) {
-    if d.is_zero() {
-        return;
-    }
+/// The pause before every timed operation of every contender: `d` of
+/// `sched_yield` calls. Yielding hands the CPU to work left over from the
+/// last sample (the pager's thread that answered the stats query is still
+/// exiting when the reply arrives; on one pinned CPU a plain busy-wait kept
+/// it waiting until the timed fault, at whose head it then ran), and with
+/// nothing else to run it returns at once, so the CPU never idles (no idle
+/// state to leave before the timed operation).
+pub(crate) fn pause(d: std::time::Duration) {
     let t = std::time::Instant::now();
     while t.elapsed() < d {
-        std::hint::spin_loop();
+        std::thread::yield_now();
     }
 }
 

@@ -24,7 +24,7 @@ use dmem_pager::sys::{dontneed, no_huge_pages, recv_with_fds, send_with_fds, Map
 use userfaultfd::{Event, Uffd, UffdBuilder};
 
 use crate::stats::{latency_histogram, quantile_us, Rng};
-use crate::sys::{read_word, spin_for, PAGE};
+use crate::sys::{pause, read_word, PAGE};
 
 pub(crate) struct UffdFloor {
     region: Mapping,
@@ -92,7 +92,7 @@ impl UffdFloor {
         })
     }
 
-    /// Times `samples` faults (after a warm-up), each after busy-waiting
+    /// Times `samples` faults (after a warm-up), each after a busy-wait of yields for
     /// `gap`: (p50, p99) in µs.
     pub(crate) fn sample(
         &mut self,
@@ -117,7 +117,7 @@ impl UffdFloor {
                 }
             };
             let addr = self.region.addr() + (p * PAGE) as u64;
-            spin_for(gap);
+            pause(gap);
             let t = Instant::now();
             let v = read_word(addr);
             let ns = t.elapsed().as_nanos() as u64;
