@@ -528,7 +528,9 @@ fn install(
         }
         i += n;
         if i < j {
-            if fill == Fill::Retry && attempts < RETRIES {
+            // The reader fetching a fault itself gives up at once: the
+            // pending event is its own to read; the fault comes again.
+            if fill == Fill::Retry && attempts < RETRIES && !crate::session::in_reader() {
                 attempts += 1;
                 drop(st);
                 drop(_r);

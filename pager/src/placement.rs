@@ -170,6 +170,11 @@ impl SlotSpace {
         !self.health[i].down.load(Ordering::Acquire)
     }
 
+    /// No node is down.
+    pub fn all_usable(&self) -> bool {
+        (0..self.nodes.len()).all(|i| self.usable(i))
+    }
+
     /// Whether something last done at `last` (ms since `born`; 0: never)
     /// is due again, `every` later; if so, records now as its time.
     fn due(&self, last: &AtomicU64, every: Duration) -> bool {
