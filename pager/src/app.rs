@@ -112,6 +112,33 @@ impl AppSession {
         let len = cfg.arena_len.div_ceil(PAGE) * PAGE;
         let arena = Mapping::anonymous(len).map_err(|e| AppError::Arena(len, e))?;
         let _ = sys::no_huge_pages(arena.addr(), len);
+        let s = Self::start(cfg, arena.addr(), len, 0)?;
+        // The session owns the arena now: it stays mapped for the process.
+        let _ = arena.leak();
+        Ok(s)
+    }
+
+    /// In a forked child (single-threaded, in its atfork handler): takes
+    /// the arena inherited with `parent` (the parent's session, as copied
+    /// by fork) under a new session of its own. The child's copy of the
+    /// parent's registration is gone (plain fork), so the arena is
+    /// registered again; the pages present in it are the child's data,
+    /// which the pager finds in its page tables. Nothing may touch the
+    /// arena until this returns, and the parent's hold on evictions must
+    /// last until then (the pager reads the parent's page state as at the
+    /// fork).
+    pub fn adopt(cfg: &AppConfig, parent: &AppSession) -> Result<AppSession, AppError> {
+        Self::start(cfg, parent.base, parent.len, parent.session_id())
+    }
+
+    /// Opens and registers the uffd over `[base, base+len)`, starts the
+    /// agent and hands both to the pager.
+    fn start(
+        cfg: &AppConfig,
+        base: u64,
+        len: usize,
+        forked_from: u64,
+    ) -> Result<AppSession, AppError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -126,7 +153,7 @@ impl AppSession {
             .create()
             .map_err(AppError::Uffd)?;
         uffd.register_with_mode(
-            arena.as_ptr().cast(),
+            base as *mut libc::c_void,
             len,
             RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
         )
@@ -138,14 +165,13 @@ impl AppSession {
         // The agent announces its own tid, so it starts first and waits for
         // the welcome on a channel.
         let (tx, rx) = std::sync::mpsc::channel();
-        let base = arena.addr();
         let reg_uffd = uffd.as_raw_fd();
         let limit = cfg.local_limit;
         let on_evicted = cfg.on_evicted;
         let agent = std::thread::Builder::new()
             .name("dmem-agent".into())
             .spawn(move || {
-                let r = handshake(&sock, reg_uffd, base, len, limit);
+                let r = handshake(&sock, reg_uffd, (base, len), limit, forked_from);
                 match r {
                     Ok((welcome, staging)) => {
                         let _ = tx.send(Ok(welcome));
@@ -166,7 +192,6 @@ impl AppSession {
         let welcome = rx
             .recv()
             .map_err(|_| AppError::Protocol("agent exited during handshake".into()))??;
-        let (base, len) = arena.leak();
         Ok(AppSession {
             base,
             len,
@@ -245,9 +270,9 @@ impl AppSession {
 fn handshake(
     sock: &OwnedFd,
     uffd: i32,
-    base: u64,
-    len: usize,
+    (base, len): (u64, usize),
     local_limit: u64,
+    forked_from: u64,
 ) -> Result<(Welcome, Mapping), AppError> {
     let reg = Msg::Register(Register {
         pid: std::process::id(),
@@ -255,6 +280,7 @@ fn handshake(
         arena_base: base,
         arena_len: len as u64,
         local_limit,
+        forked_from,
     });
     sys::send_with_fds(sock.as_raw_fd(), &wire::encode(&reg), &[uffd]).map_err(AppError::Io)?;
     let mut buf = vec![0u8; MAX_MSG];

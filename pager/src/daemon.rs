@@ -212,6 +212,24 @@ fn hold(pager: &Pager, session: u64, peer_pid: i32, conn: &OwnedFd) {
     s.release_hold();
 }
 
+/// The session a forked child names as its parent's, if it really is its
+/// parent's and is held (so its page state is as at the fork): the remote
+/// copies of that session's clean pages are shared with the child, so
+/// another process must not claim them. Without it the child's pages all
+/// count as dirty, which is correct, only dearer.
+fn forked_parent(pager: &Pager, session: u64, child: i32) -> Option<Arc<Session>> {
+    let s = pager.sessions.get(&session).map(|s| Arc::clone(&s))?;
+    if sys::parent_pid(child) == Some(s.pid) && s.held() {
+        Some(s)
+    } else {
+        warn!(
+            session,
+            child, "a registration names a session that is not its held parent's; sharing nothing"
+        );
+        None
+    }
+}
+
 /// Validates a registration; says exactly what is wrong.
 fn check(r: &Register, fds: &[OwnedFd], peer_pid: i32) -> Result<(), String> {
     if fds.len() != 1 {
@@ -297,6 +315,31 @@ fn register(pager: &Arc<Pager>, r: Register, uffd: OwnedFd, conn: OwnedFd) {
             Prefetcher::new((pager.cfg.prefetch_min / bp).max(1), max / bp)
         },
     ));
+    if r.forked_from != 0 {
+        let parent = forked_parent(pager, r.forked_from, r.pid as i32);
+        match s.adopt_present(
+            pager,
+            parent.as_deref(),
+            (r.arena_base, r.arena_len as usize),
+        ) {
+            Ok((n, shared)) => info!(
+                session = id,
+                pid = r.pid,
+                pages = n,
+                shared,
+                "forked child adopted its arena"
+            ),
+            Err(e) => {
+                return refuse(
+                    &s.sock,
+                    &format!(
+                        "cannot read the child's page tables (/proc/{}/pagemap): {e}",
+                        r.pid
+                    ),
+                )
+            }
+        }
+    }
     // Listed and running before the app hears of it: the app may ask for
     // its session (a Hold, when it forks) right after the Welcome.
     pager.start_session(Arc::clone(&s));

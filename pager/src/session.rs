@@ -265,6 +265,74 @@ impl Session {
         }
     }
 
+    /// A forked child's session starts with the pages present in its
+    /// inherited arena `[base, base+len)`: each holds the child's data, so
+    /// it is resident. A page that was clean in `parent` (its session, held
+    /// since before the fork, so nothing there became clean since) equals
+    /// the parent's remote copy: the child shares that slot (refcounted)
+    /// and the page is write-protected again, since the child's fresh
+    /// registration carries none of the parent's protections. Every other
+    /// page is dirty. Called before the session starts, while the child
+    /// waits. Returns (pages adopted, of which shared).
+    pub fn adopt_present(
+        &self,
+        pager: &Pager,
+        parent: Option<&Session>,
+        (base, len): (u64, usize),
+    ) -> Result<(usize, usize), nix::errno::Errno> {
+        let ranges = sys::present_ranges(self.pid, base, len)?;
+        // The clean pages' copies, taken (and their slots counted) under
+        // the parent's lock, so that none is released meanwhile.
+        let mut shared: Vec<(u64, u32, u32)> = Vec::new();
+        if let Some(p) = parent {
+            let pst = p.lock();
+            for &(start, end) in &ranges {
+                for page in (start..end).step_by(PAGE) {
+                    if let Some(m) = pst.table.get(page) {
+                        if m.place == Place::Resident && !m.dirty() && m.slot != NO_SLOT {
+                            pager.space.incref(m.slot);
+                            shared.push((page, m.slot, m.crc));
+                        }
+                    }
+                }
+            }
+        }
+        let mut st = self.lock();
+        let mut n = 0;
+        for (start, end) in ranges {
+            for page in (start..end).step_by(PAGE) {
+                let Some(m) = st.table.get_mut(page) else {
+                    continue;
+                };
+                m.set(flag::DIRTY);
+                st.place(page, Place::Resident);
+                st.push_resident(page);
+                n += 1;
+            }
+        }
+        let mut kept = 0;
+        for (page, slot, crc) in shared {
+            let protected = matches!(
+                sys::uffd_writeprotect(self.uffd(), page, PAGE, true),
+                Ok(sys::Fill::Done)
+            );
+            match st.table.get_mut(page) {
+                Some(m) if protected => {
+                    m.clear(flag::DIRTY);
+                    m.slot = slot;
+                    m.crc = crc;
+                    kept += 1;
+                }
+                // Unprotected, a write would go unseen: the page stays
+                // dirty and the copy is not needed.
+                _ => pager.space.decref(slot),
+            }
+        }
+        self.counters.add(&self.counters.fork_adopted, n as u64);
+        self.counters.add(&self.counters.fork_shared, kept as u64);
+        Ok((n, kept))
+    }
+
     /// Stops evictions (the app is about to fork and brings its pages
     /// back): returns once no eviction is in flight. Faults are served over
     /// the limit meanwhile. Undone by `release_hold`.

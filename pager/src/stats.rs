@@ -32,6 +32,10 @@ pub struct Counters {
     /// Times the app went over its local limit because no memory node had room.
     pub limit_exceeded: AtomicU64,
     pub peak_local_bytes: AtomicU64,
+    /// Pages a forked child's session started with (present at the fork).
+    pub fork_adopted: AtomicU64,
+    /// Of those, pages sharing the parent's remote copy (clean at the fork).
+    pub fork_shared: AtomicU64,
 }
 
 impl Counters {
@@ -44,7 +48,7 @@ impl Counters {
         self.peak_local_bytes.fetch_max(bytes, Relaxed);
     }
 
-    fn fields(&self) -> [(&'static str, &AtomicU64); 15] {
+    fn fields(&self) -> [(&'static str, &AtomicU64); 17] {
         [
             ("faults_zero", &self.faults_zero),
             ("faults_cache", &self.faults_cache),
@@ -61,6 +65,8 @@ impl Counters {
             ("prefetch_waste", &self.prefetch_waste),
             ("limit_exceeded", &self.limit_exceeded),
             ("peak_local_bytes", &self.peak_local_bytes),
+            ("fork_adopted", &self.fork_adopted),
+            ("fork_shared", &self.fork_shared),
         ]
     }
 
@@ -148,6 +154,7 @@ pub fn to_json(c: &Counters, l: &Latencies) -> Value {
         "prefetch_waste": g(&c.prefetch_waste),
         "limit_exceeded": g(&c.limit_exceeded),
         "peak_resident_bytes": g(&c.peak_local_bytes),
+        "fork": {"adopted_pages": g(&c.fork_adopted), "shared_pages": g(&c.fork_shared)},
         "fault_latency_us": pct(&l.fault),
         "fetch_latency_us": pct(&l.fetch),
         "evict_latency_us": pct(&l.evict),

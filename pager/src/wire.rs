@@ -51,6 +51,12 @@ pub struct Register {
     pub arena_len: u64,
     /// Requested local limit in bytes; 0 = the pager's default.
     pub local_limit: u64,
+    /// A forked child taking its inherited arena under a session of its
+    /// own names its parent's session here (0: not a forked child). Pages
+    /// present in the arena are then the child's data, not zeros; the
+    /// pager finds them in the child's page tables and shares the parent's
+    /// remote copies of those that were clean at the fork.
+    pub forked_from: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +131,7 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
             o.extend_from_slice(&r.arena_base.to_le_bytes());
             o.extend_from_slice(&r.arena_len.to_le_bytes());
             o.extend_from_slice(&r.local_limit.to_le_bytes());
+            o.extend_from_slice(&r.forked_from.to_le_bytes());
         }
         Msg::Welcome(w) => {
             put_header(&mut o, K_WELCOME);
@@ -237,6 +244,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, WireError> {
                 arena_base: r.u64()?,
                 arena_len: r.u64()?,
                 local_limit: r.u64()?,
+                forked_from: r.u64()?,
             };
             r.end()?;
             Msg::Register(m)
@@ -350,6 +358,15 @@ mod tests {
                 arena_base: 0x7000_0000,
                 arena_len: 1 << 30,
                 local_limit: 0,
+                forked_from: 0,
+            }),
+            Msg::Register(Register {
+                pid: 9,
+                agent_tid: 10,
+                arena_base: 0x7000_0000,
+                arena_len: 1 << 30,
+                local_limit: 1 << 28,
+                forked_from: 3,
             }),
             Msg::Welcome(Welcome {
                 session: 3,
@@ -414,6 +431,7 @@ mod tests {
             arena_base: 0,
             arena_len: 0,
             local_limit: 0,
+            forked_from: 0,
         }));
         b.push(0);
         assert_eq!(decode(&b), Err(WireError::Malformed("register")));

@@ -294,6 +294,14 @@ pub fn lock_for_fork(bring_back: bool) {
     std::mem::forget(warm);
 }
 
+/// Whether any managed block is allocated (in a forked child: whether it
+/// inherited managed data worth a session of its own).
+pub fn has_allocations() -> bool {
+    EXTENTS
+        .get()
+        .is_some_and(|ex| ex.lock().allocations().next().is_some())
+}
+
 pub fn unlock_after_fork() {
     if let Some(ex) = EXTENTS.get() {
         ex.release();

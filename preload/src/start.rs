@@ -4,15 +4,43 @@
 //! always runs with it: when the pager cannot be reached it runs unmanaged
 //! and says so once, unless `DMEM_REQUIRE=1` asks for an error instead.
 
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::OnceLock;
 
-use dmem_pager::app::{AppConfig, AppSession};
+use dmem_pager::app::{AppConfig, AppError, AppSession};
 
 use crate::config::Config;
 use crate::{arena, fork, malloc, mapping};
 
-/// The live session (its uffd copy and agent stay for the process's life).
-pub static SESSION: OnceLock<AppSession> = OnceLock::new();
+/// The live session: set at load, replaced in a forked child that takes
+/// its arena under a session of its own (`adopt_after_fork`). Sessions are
+/// leaked, never dropped: the uffd copy and the agent stay for the
+/// process's life, and a child's inherited copy names threads it lacks.
+static SESSION: AtomicPtr<AppSession> = AtomicPtr::new(std::ptr::null_mut());
+/// How this process attached, for a forked child to attach the same way.
+static APP_CONFIG: OnceLock<AppConfig> = OnceLock::new();
+
+pub fn session() -> Option<&'static AppSession> {
+    // SAFETY: SESSION is null or a pointer from Box::into_raw that is never
+    // freed, so the reference is valid for the rest of the process.
+    unsafe { SESSION.load(Ordering::Acquire).as_ref() }
+}
+
+fn set_session(s: AppSession) {
+    SESSION.store(Box::into_raw(Box::new(s)), Ordering::Release);
+}
+
+/// In a forked child (from its atfork handler, single-threaded): takes the
+/// inherited arena under a new session of its own, so its managed memory
+/// stays paged with its own limit and agent.
+pub fn adopt_after_fork(inherited: &AppSession) -> Result<(), AppError> {
+    let cfg = APP_CONFIG
+        .get()
+        .ok_or_else(|| AppError::Protocol("no settings recorded at load".into()))?;
+    let s = AppSession::adopt(cfg, inherited)?;
+    set_session(s);
+    Ok(())
+}
 
 pub fn start() {
     let cfg = match Config::from_env() {
@@ -41,7 +69,8 @@ pub fn start() {
             arena::keep_freed(cfg.keep_freed.min(app.local_limit() / 8));
             malloc::enable(cfg.min_alloc);
             mapping::enable(cfg.mmap);
-            let _ = SESSION.set(app);
+            set_session(app);
+            let _ = APP_CONFIG.set(app_cfg);
             fork::install();
         }
         Err(e) if cfg.require => {
@@ -79,7 +108,7 @@ pub fn register_again(start: u64, len: u64) {
     if fork::detached() {
         return;
     }
-    if let Some(s) = SESSION.get() {
+    if let Some(s) = session() {
         if let Err(e) = s.register_again(start, len as usize) {
             crate::sys::write_stderr(&format!(
                 "dmem: cannot manage {len} bytes at {start:#x} again ({e}); they stay unmanaged\n"
@@ -95,5 +124,5 @@ pub fn hold_evictions() -> Option<std::os::fd::OwnedFd> {
     if fork::detached() {
         return None;
     }
-    SESSION.get().and_then(|s| s.hold().ok()).map(|(fd, _)| fd)
+    session().and_then(|s| s.hold().ok()).map(|(fd, _)| fd)
 }

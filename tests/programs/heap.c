@@ -220,26 +220,49 @@ static void syscalls(size_t mib) {
     free(src); free(dst);
 }
 
-/* fork: parent and child each modify the heap afterwards; each must see
- * exactly its own view (including pages evicted at the time of the fork). */
-static void forked(size_t mib) {
+/* Waits for a forked child, which must have exited with status 0. */
+static void reap_ok(pid_t pid) {
+    int st = 0;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+}
+
+/* Frees `p` after letting it escape, so the compiler cannot drop the
+ * writes into it (a malloc filled and freed unread may be elided). */
+static void *volatile escaped;
+static void escape_free(void *p) { escaped = p; free(p); }
+
+/* fork: parent and child each modify an `mib` MiB block afterwards (every
+ * `k`th word from 0 the child, from 1 the parent); each must see exactly
+ * its own view, including pages evicted at the time of the fork. With
+ * `child_heap`, the parent first pushes the block out to a memory node
+ * with a temporary heap of that many MiB (so that the block is clean, with
+ * remote copies, once brought back at the fork), and the child, after its
+ * writes, pushes it out again with a heap of its own of that size before
+ * checking it: its writes must have been seen (the block's pages were
+ * clean at the fork) or they would be dropped and read back stale. */
+static void fork_views(size_t mib, size_t k, size_t child_heap) {
     size_t n = (mib << 20) / 8;
     uint64_t *a = malloc(n * 8);
     for (size_t i = 0; i < n; i++) a[i] = val(i, 1);
+    if (child_heap) {
+        uint64_t *t = malloc(child_heap << 20);
+        churn_fill(t, child_heap << 20, 5);
+        escape_free(t);
+    }
     fflush(stdout);
     pid_t pid = fork();
     if (pid == 0) {
         size_t cb = 0;
-        for (size_t i = 0; i < n; i++) if (a[i] != val(i, 1)) cb++;
-        for (size_t i = 0; i < n; i += 3) a[i] = val(i, 2);
-        for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % 3 == 0 ? 2 : 1)) cb++;
-        _exit(cb ? 1 : 0);
+        for (size_t i = 0; i < n; i += k) a[i] = val(i, 2);
+        for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % k == 0 ? 2 : 1)) cb++;
+        if (child_heap) seq_random(child_heap);
+        for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % k == 0 ? 2 : 1)) cb++;
+        _exit(cb || bad ? 1 : 0);
     }
-    for (size_t i = 1; i < n; i += 3) a[i] = val(i, 3);
-    int st = 0;
-    waitpid(pid, &st, 0);
-    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
-    for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % 3 == 1 ? 3 : 1)) bad++;
+    for (size_t i = 1; i < n; i += k) a[i] = val(i, 3);
+    reap_ok(pid);
+    for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % k == 1 ? 3 : 1)) bad++;
     for (size_t i = 0; i < n; i += 511) mix(a[i]);
     free(a);
 }
@@ -248,10 +271,6 @@ static void forked(size_t mib) {
  * with tag 7) and a freed 4 MiB block kept for reuse are both pushed out
  * by a heap of `mib` MiB, freed again. A 40 MiB spacer, freed, keeps the
  * prefetch of the live block off the kept one. */
-/* Frees `p` after letting it escape, so the compiler cannot drop the
- * writes into it (a malloc filled and freed unread may be elided). */
-static void *volatile escaped;
-static void escape_free(void *p) { escaped = p; free(p); }
 
 static uint64_t *live_and_kept_evicted(size_t mib) {
     size_t cn = (1 << 20) / 8, an = (4 << 20) / 8, sn = (40 << 20) / 8, bn = (mib << 20) / 8;
@@ -281,9 +300,7 @@ static void fork_kept(size_t mib) {
         for (size_t i = 0; i < cn; i++) if (c[i] != val(i, 7)) _exit(1);
         _exit(0);
     }
-    int st = 0;
-    waitpid(pid, &st, 0);
-    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    reap_ok(pid);
     churn_check(c, cn * 8, 7);
     free(c);
 }
@@ -395,8 +412,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(m, "churn")) churn(mib);
     else if (!strcmp(m, "threads")) threads(mib);
     else if (!strcmp(m, "syscalls")) syscalls(mib);
-    else if (!strcmp(m, "fork")) forked(mib);
+    else if (!strcmp(m, "fork")) fork_views(mib, 3, 0);
     else if (!strcmp(m, "fork-kept")) fork_kept(mib);
+    else if (!strcmp(m, "fork-child")) fork_views(4, 2, mib);
     else if (!strcmp(m, "evict-kept")) evict_kept(mib);
     else if (!strcmp(m, "mmap")) mapped(mib);
     else if (!strcmp(m, "forever")) forever(mib);

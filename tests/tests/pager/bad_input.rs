@@ -62,6 +62,7 @@ fn register(pid: u32, base: u64, len: u64, limit: u64) -> Vec<u8> {
         arena_base: base,
         arena_len: len,
         local_limit: limit,
+        forked_from: 0,
     }))
 }
 

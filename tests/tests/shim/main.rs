@@ -216,10 +216,49 @@ fn c_read_write_syscalls_on_evicted_buffers_and_dontneed() {
     assert_paged(&r, "syscalls");
 }
 
+/// A forked child took at least `bytes` of inherited memory under its own
+/// session, sharing the parent's remote copies of some (clean) pages.
+fn assert_adopted(r: &Run, bytes: u64) {
+    let (adopted, shared) = (
+        n(&r.stats, "/fork/adopted_pages"),
+        n(&r.stats, "/fork/shared_pages"),
+    );
+    assert!(
+        adopted >= bytes / 4096 && shared > 0 && shared <= adopted,
+        "the child did not adopt {bytes} bytes, sharing clean copies: {}",
+        r.stats["fork"]
+    );
+}
+
 #[test]
 fn c_fork_parent_and_child_each_see_their_own_memory() {
     let r = heap_mode("fork", 64);
     assert_paged(&r, "fork");
+    // The child ran under a session of its own, sharing the remote copies
+    // of the pages that were clean at the fork. It then wrote every page
+    // (so each shared page had to be write-protected again, or its writes
+    // would be dropped at eviction) and read them all back, as checked.
+    assert_adopted(&r, 64 << 20);
+}
+
+/// A forked child takes its inherited arena under a session of its own.
+/// The parent's 4 MiB block was pushed out and brought back at the fork,
+/// so it is clean with remote copies, which the child shares. The child
+/// writes half of it, pages a heap 4x the limit through its own session
+/// (pushing the block out again), and checks the block. Its writes to the
+/// shared pages survive only if they were seen: a child that did not
+/// write-protect them again reads them back stale (tried: the check
+/// fails). Before 2026-12-03 such a child ran unmanaged.
+#[test]
+fn c_forked_child_pages_its_own_memory() {
+    let r = heap_mode("fork-child", 64);
+    assert_paged(&r, "a forked child's heap");
+    assert_adopted(&r, 4 << 20);
+    assert!(
+        !r.stderr.contains("forked child"),
+        "the child fell back to unmanaged memory:\n{}",
+        r.stderr
+    );
 }
 
 /// Runs heap.c's kept-block `mode` (a live 1 MiB block and a kept 4 MiB
