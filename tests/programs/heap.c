@@ -240,11 +240,17 @@ static void escape_free(void *p) { escaped = p; free(p); }
  * remote copies, once brought back at the fork), and the child, after its
  * writes, pushes it out again with a heap of its own of that size before
  * checking it: its writes must have been seen (the block's pages were
- * clean at the fork) or they would be dropped and read back stale. */
+ * clean at the fork) or they would be dropped and read back stale. The
+ * child also writes a block that was all zero pages at the fork. */
 static void fork_views(size_t mib, size_t k, size_t child_heap) {
     size_t n = (mib << 20) / 8;
     uint64_t *a = malloc(n * 8);
     for (size_t i = 0; i < n; i++) a[i] = val(i, 1);
+    /* Read, never written: zero pages at the fork (clean, no remote copy). */
+    size_t zn = (1 << 20) / 8;
+    uint64_t *z = mmap(NULL, zn * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(z != MAP_FAILED);
+    for (size_t i = 0; i < zn; i += 512) CHECK(z[i] == 0);
     if (child_heap) {
         uint64_t *t = malloc(child_heap << 20);
         churn_fill(t, child_heap << 20, 5);
@@ -255,11 +261,15 @@ static void fork_views(size_t mib, size_t k, size_t child_heap) {
     if (pid == 0) {
         size_t cb = 0;
         for (size_t i = 0; i < n; i += k) a[i] = val(i, 2);
+        for (size_t i = 0; i < zn; i++) z[i] = val(i, 4);
         for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % k == 0 ? 2 : 1)) cb++;
         if (child_heap) seq_random(child_heap);
         for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % k == 0 ? 2 : 1)) cb++;
+        for (size_t i = 0; i < zn; i++) if (z[i] != val(i, 4)) cb++;
         _exit(cb || bad ? 1 : 0);
     }
+    for (size_t i = 0; i < zn; i += 512) CHECK(z[i] == 0);
+    munmap(z, zn * 8);
     for (size_t i = 1; i < n; i += k) a[i] = val(i, 3);
     reap_ok(pid);
     for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % k == 1 ? 3 : 1)) bad++;
