@@ -33,6 +33,9 @@ pub struct Config {
     /// Keep the preload for programs this one executes (`DMEM_INHERIT`,
     /// default 1).
     pub inherit: bool,
+    /// A forked child pages its memory under a session of its own
+    /// (`DMEM_FORK_MANAGED`, default 1); 0 runs it as plain memory.
+    pub fork_managed: bool,
     /// `DMEM_DISABLE=1`: do nothing at all (glibc's malloc serves everything).
     pub disable: bool,
     /// Large anonymous `mmap`s come from the arena too (`DMEM_MMAP`,
@@ -96,6 +99,7 @@ impl Config {
             arena: arena as usize,
             require: flag("DMEM_REQUIRE", false)?,
             inherit: flag("DMEM_INHERIT", true)?,
+            fork_managed: flag("DMEM_FORK_MANAGED", true)?,
             disable: flag("DMEM_DISABLE", false)?,
             mmap: flag("DMEM_MMAP", true)?,
             keep_freed: size("DMEM_KEEP_FREED", DEFAULT_KEEP_FREED)?,

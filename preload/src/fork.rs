@@ -28,6 +28,8 @@ static HOLD_FD: AtomicI32 = AtomicI32::new(-1);
 /// session belongs to an ancestor and its managed memory is plain memory
 /// here.
 static DETACHED: AtomicBool = AtomicBool::new(false);
+/// `DMEM_FORK_MANAGED`: a child with managed blocks gets its own session.
+static CHILD_SESSIONS: AtomicBool = AtomicBool::new(true);
 
 extern "C" fn prepare() {
     let session = start::session().filter(|_| !DETACHED.load(Ordering::Acquire));
@@ -78,7 +80,7 @@ fn adopt_or_detach() {
     for fd in s.inherited_fds() {
         sys::close(fd);
     }
-    if !arena::has_allocations() {
+    if !CHILD_SESSIONS.load(Ordering::Acquire) || !arena::has_allocations() {
         DETACHED.store(true, Ordering::Release);
         return;
     }
@@ -96,7 +98,8 @@ pub fn detached() -> bool {
     DETACHED.load(Ordering::Acquire)
 }
 
-pub fn install() {
+pub fn install(child_sessions: bool) {
+    CHILD_SESSIONS.store(child_sessions, Ordering::Release);
     // SAFETY: the three handlers are plain extern "C" functions that live
     // for the life of the process.
     let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };

@@ -71,7 +71,7 @@ pub fn start() {
             mapping::enable(cfg.mmap);
             set_session(app);
             let _ = APP_CONFIG.set(app_cfg);
-            fork::install();
+            fork::install(cfg.fork_managed);
         }
         Err(e) if cfg.require => {
             eprintln!("dmem: {e}; DMEM_REQUIRE=1 is set, so not running unmanaged");

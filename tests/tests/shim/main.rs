@@ -261,6 +261,26 @@ fn c_forked_child_pages_its_own_memory() {
     );
 }
 
+/// `DMEM_FORK_MANAGED=0`: the child runs its memory as plain memory (no
+/// session of its own), and both still see exactly their own memory.
+#[test]
+fn fork_managed_0_leaves_the_child_unmanaged() {
+    let bin = heap_bin();
+    let cmd = [bin.to_str().unwrap(), "fork-child", "64"];
+    let r = same_as_plain(
+        "fork-child, DMEM_FORK_MANAGED=0",
+        "16M",
+        &cmd,
+        &[("DMEM_FORK_MANAGED", "0")],
+    );
+    assert_eq!(
+        n(&r.stats, "/fork/adopted_pages"),
+        0,
+        "the child took a session: {}",
+        r.stats["fork"]
+    );
+}
+
 /// Runs heap.c's kept-block `mode` (a live 1 MiB block and a kept 4 MiB
 /// freed block, both evicted) and checks that the live block was fetched
 /// back and the kept one was not (`why` says how it would have been).
