@@ -213,13 +213,15 @@ fn hold(pager: &Pager, session: u64, peer_pid: i32, conn: &OwnedFd) {
 }
 
 /// The session a forked child names as its parent's, if it really is its
-/// parent's and is held (so its page state is as at the fork): the remote
-/// copies of that session's clean pages are shared with the child, so
-/// another process must not claim them. Without it the child's pages all
-/// count as dirty, which is correct, only dearer.
+/// parent's and is held with no managed memory moved since the hold began.
+/// Then its page state is as at the fork, except for pages that became
+/// dirty, which are not shared. The remote copies of that session's clean
+/// pages are shared with the child, so another process must not claim
+/// them. Without such a parent every page of the child counts as dirty,
+/// which is correct, only dearer.
 fn forked_parent(pager: &Pager, session: u64, child: i32) -> Option<Arc<Session>> {
     let s = pager.sessions.get(&session).map(|s| Arc::clone(&s))?;
-    if sys::parent_pid(child) == Some(s.pid) && s.held() {
+    if sys::parent_pid(child) == Some(s.pid) && s.held_unmoved() {
         Some(s)
     } else {
         warn!(

@@ -210,6 +210,10 @@ pub struct Session {
     pub next_batch: AtomicU64,
     /// Open holds (the app is forking): no eviction starts while > 0.
     holds: AtomicUsize,
+    /// The app moved managed memory (a REMAP event) since its first open
+    /// hold began: its page table is no longer as at the fork, so a forked
+    /// child may not take its copies from it (see `adopt_present`).
+    remapped_in_hold: AtomicBool,
     /// The evictor is in a pass (see `hold`).
     evicting: AtomicBool,
 }
@@ -261,6 +265,7 @@ impl Session {
             kick: (Mutex::new(false), Condvar::new()),
             next_batch: AtomicU64::new(1),
             holds: AtomicUsize::new(0),
+            remapped_in_hold: AtomicBool::new(false),
             evicting: AtomicBool::new(false),
         }
     }
@@ -342,7 +347,9 @@ impl Session {
     /// SeqCst), so either the evictor sees the hold or the holder waits for
     /// the pass to end.
     pub fn hold(&self) {
-        self.holds.fetch_add(1, Ordering::SeqCst);
+        if self.holds.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.remapped_in_hold.store(false, Ordering::SeqCst);
+        }
         self.kick_evictor();
         while self.evicting.load(Ordering::SeqCst) && !self.is_dead() {
             std::thread::sleep(Duration::from_micros(200));
@@ -356,6 +363,12 @@ impl Session {
 
     pub fn held(&self) -> bool {
         self.holds.load(Ordering::SeqCst) > 0
+    }
+
+    /// Held, with no managed memory moved since the hold began: what a
+    /// forked child's adoption needs of its parent's session.
+    pub fn held_unmoved(&self) -> bool {
+        self.held() && !self.remapped_in_hold.load(Ordering::SeqCst)
     }
 
     /// Evictor side: starts a pass unless held; the pass lasts as long as
@@ -571,6 +584,9 @@ impl Session {
                             self.on_remove(pager, &mut st, start as u64, end as u64, true)
                         }
                         Ok(Event::Remap { from, to, len }) => {
+                            if self.held() {
+                                self.remapped_in_hold.store(true, Ordering::SeqCst);
+                            }
                             self.on_remap(pager, &mut st, from as u64, to as u64, len)
                         }
                         Ok(other) => warn!(session = self.id, "ignoring uffd event {other:?}"),
