@@ -61,6 +61,14 @@ fn block(out: &mut String, title: &str, v: &Value) {
         mib(&v["peak_resident_bytes"]),
         v["limit_exceeded"]
     );
+    let fork = &v["fork"];
+    if fork["adopted_pages"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            out,
+            "  fork        pages adopted by forked children {}  sharing the parent's copies {}",
+            fork["adopted_pages"], fork["shared_pages"]
+        );
+    }
 }
 
 /// A human-readable rendering of the stats JSON.
@@ -105,4 +113,22 @@ pub fn human(v: &Value) -> String {
         &v["total"],
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fork_line_shows_only_after_a_child_adopted_pages() {
+        let mut v = serde_json::json!({"fork": {"adopted_pages": 0, "shared_pages": 0}});
+        let mut out = String::new();
+        block(&mut out, "app", &v);
+        assert!(!out.contains("fork"), "{out}");
+        v["fork"] = serde_json::json!({"adopted_pages": 12, "shared_pages": 5});
+        out.clear();
+        block(&mut out, "app", &v);
+        assert!(out.contains("adopted by forked children 12"), "{out}");
+        assert!(out.contains("copies 5"), "{out}");
+    }
 }
