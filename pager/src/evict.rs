@@ -398,7 +398,7 @@ fn is_zero(page: &[u8]) -> bool {
 
 /// Write-protects `pages` in contiguous runs; returns the pages of runs
 /// that could not be protected now.
-fn write_protect_runs(s: &Session, pages: &[u64]) -> Vec<u64> {
+pub(crate) fn write_protect_runs(s: &Session, pages: &[u64]) -> Vec<u64> {
     let mut failed = Vec::new();
     let mut i = 0;
     while i < pages.len() {

@@ -285,44 +285,42 @@ impl Session {
         parent: Option<&Session>,
         (base, len): (u64, usize),
     ) -> Result<(usize, usize), nix::errno::Errno> {
-        let ranges = sys::present_ranges(self.pid, base, len)?;
+        let pages: Vec<u64> = sys::present_ranges(self.pid, base, len)?
+            .into_iter()
+            .flat_map(|(start, end)| (start..end).step_by(PAGE))
+            .collect();
         // The clean pages' copies, taken (and their slots counted) under
         // the parent's lock, so that none is released meanwhile.
         let mut shared: Vec<(u64, u32, u32)> = Vec::new();
         if let Some(p) = parent {
             let pst = p.lock();
-            for &(start, end) in &ranges {
-                for page in (start..end).step_by(PAGE) {
-                    if let Some(m) = pst.table.get(page) {
-                        if m.place == Place::Resident && !m.dirty() && m.slot != NO_SLOT {
-                            pager.space.incref(m.slot);
-                            shared.push((page, m.slot, m.crc));
-                        }
+            for &page in &pages {
+                if let Some(m) = pst.table.get(page) {
+                    if m.place == Place::Resident && !m.dirty() && m.slot != NO_SLOT {
+                        pager.space.incref(m.slot);
+                        shared.push((page, m.slot, m.crc));
                     }
                 }
             }
         }
         let mut st = self.lock();
         let mut n = 0;
-        for (start, end) in ranges {
-            for page in (start..end).step_by(PAGE) {
-                let Some(m) = st.table.get_mut(page) else {
-                    continue;
-                };
-                m.set(flag::DIRTY);
-                st.place(page, Place::Resident);
-                st.push_resident(page);
-                n += 1;
-            }
+        for &page in &pages {
+            let Some(m) = st.table.get_mut(page) else {
+                continue;
+            };
+            m.set(flag::DIRTY);
+            st.place(page, Place::Resident);
+            st.push_resident(page);
+            n += 1;
         }
+        let to_protect: Vec<u64> = shared.iter().map(|&(page, _, _)| page).collect();
+        // Ascending, as `pages` is.
+        let failed = crate::evict::write_protect_runs(self, &to_protect);
         let mut kept = 0;
         for (page, slot, crc) in shared {
-            let protected = matches!(
-                sys::uffd_writeprotect(self.uffd(), page, PAGE, true),
-                Ok(sys::Fill::Done)
-            );
             match st.table.get_mut(page) {
-                Some(m) if protected => {
+                Some(m) if failed.binary_search(&page).is_err() => {
                     m.clear(flag::DIRTY);
                     m.slot = slot;
                     m.crc = crc;
