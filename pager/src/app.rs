@@ -300,10 +300,21 @@ fn handshake(
 fn watchdog(sock: &OwnedFd) {
     loop {
         match sys::wait_hangup(sock.as_raw_fd()) {
-            Ok(true) => die(
-                "the pager closed its connection (pager died?); stopping this program, \
-                 whose evicted memory can no longer be served",
-            ),
+            Ok(true) => {
+                // A pager that stops the app says why, then closes: the
+                // agent may not have read that yet, and its reason is the
+                // one to give.
+                let mut buf = vec![0u8; MAX_MSG];
+                if let Some(n) = sys::peek_message(sock.as_raw_fd(), &mut buf) {
+                    if let Ok(Msg::Fatal(why)) = wire::decode(&buf[..n]) {
+                        die(&why);
+                    }
+                }
+                die(
+                    "the pager closed its connection (pager died?); stopping this program, \
+                     whose evicted memory can no longer be served",
+                )
+            }
             Ok(false) | Err(Errno::EINTR) => continue,
             Err(e) => die(&format!("cannot watch the pager connection ({e})")),
         }

@@ -500,6 +500,16 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>
     Ok((msg.bytes, fds))
 }
 
+/// The next message waiting on `sock`, copied without taking it (None
+/// when there is none); the reader of the socket still gets it.
+pub fn peek_message(sock: RawFd, buf: &mut [u8]) -> Option<usize> {
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match nix::sys::socket::recv(sock, buf, flags) {
+        Ok(n) if n > 0 => Some(n),
+        _ => None,
+    }
+}
+
 /// The pid and uid of a unix-socket peer, from the kernel (SO_PEERCRED).
 pub fn peer_cred(sock: BorrowedFd<'_>) -> Result<(i32, u32), Errno> {
     let c = getsockopt(&sock, sockopt::PeerCredentials)?;
