@@ -702,7 +702,8 @@ fn measure(
         fault_samples_per_source_per_round: plan.fault_samples,
         random_working_set_bytes: plan.ws,
         random_local_limit_bytes: plan.limit,
-        random_cache_quota_bytes: (plan.limit / 4).min(plan.cache),
+        random_cache_quota_bytes: (plan.limit / dmem_pager::evict::CACHE_SHARE_DIV as u64)
+            .min(plan.cache),
         seq_region_bytes: plan.seq_size,
         seq_local_limit_bytes: plan.seq_size / 4,
         pager_cache_bytes: plan.cache,

@@ -142,9 +142,7 @@ pub fn plan_prefetch(
         promoted.extend(prefetch.iter().map(|c| c.page));
         st.last_prefetch = promoted;
     }
-    if Session::pressure(st) >= session.limit_pages.saturating_sub(2 * session.batch) {
-        session.kick_evictor();
-    }
+    session.kick_if_pressed(st, 0);
     FetchJob {
         session: Arc::clone(session),
         fault: None,
@@ -541,9 +539,7 @@ fn install(
             i = j;
         }
     }
-    if Session::local(&s.lock()) + 2 * s.batch >= s.limit_pages {
-        s.kick_evictor();
-    }
+    s.kick_if_pressed(&s.lock(), 0);
     if let Some(f) = fault {
         let _ = pager;
         s.finish(f, fault_done);

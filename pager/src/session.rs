@@ -414,11 +414,29 @@ impl Session {
         Self::local(st) + st.counts.fetching
     }
 
-    /// Wakes the evictor.
+    /// The high watermark: the evictor starts a pass once the pressure is
+    /// above it, and stops at the low watermark a batch below.
+    pub fn high_water(&self) -> usize {
+        self.limit_pages.saturating_sub(2 * self.batch)
+    }
+
+    /// Wakes the evictor if the pressure, with `coming` more pages, is
+    /// above the high watermark. Kicks that find nothing to do cost a
+    /// context switch each on a busy vCPU, inside the fault being served.
+    pub fn kick_if_pressed(&self, st: &State, coming: usize) {
+        if Self::pressure(st) + coming > self.high_water() {
+            self.kick_evictor();
+        }
+    }
+
+    /// Wakes the evictor (once: a kick it has not taken yet stands).
     pub fn kick_evictor(&self) {
         let (m, cv) = &self.kick;
-        *crate::lock(m) = true;
-        cv.notify_one();
+        let mut k = crate::lock(m);
+        if !*k {
+            *k = true;
+            cv.notify_one();
+        }
     }
 
     /// Waits for a kick or the timeout.
@@ -689,9 +707,10 @@ impl Session {
                     // Eviction is not keeping up at all: serve over the limit.
                     c.add(&c.limit_exceeded, 1);
                 }
-                if Self::local(&st) + 1 >= self.limit_pages.saturating_sub(2 * self.batch) {
-                    self.kick_evictor();
-                }
+                // A cache hit moves a page from the cache to the app: no
+                // more local pages than before.
+                let coming = if m.place == Place::Cached { 0 } else { need };
+                self.kick_if_pressed(&st, coming);
                 let retry = match m.place {
                     Place::Zero => self.fill_zero(pager, &mut st, &f),
                     Place::Cached => self.fill_from_cache(pager, &mut st, &f, m),
