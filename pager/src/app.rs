@@ -42,6 +42,13 @@ pub enum AppError {
     Protocol(String),
 }
 
+/// A forked child's parent session and fork snapshot (zeros: not a child).
+#[derive(Debug, Clone, Copy, Default)]
+struct ForkOrigin {
+    session: u64,
+    snapshot: u64,
+}
+
 /// Where and how to attach.
 #[derive(Debug, Clone)]
 pub struct AppConfig {
@@ -112,7 +119,7 @@ impl AppSession {
         let len = cfg.arena_len.div_ceil(PAGE) * PAGE;
         let arena = Mapping::anonymous(len).map_err(|e| AppError::Arena(len, e))?;
         let _ = sys::no_huge_pages(arena.addr(), len);
-        let s = Self::start(cfg, arena.addr(), len, 0)?;
+        let s = Self::start(cfg, arena.addr(), len, ForkOrigin::default())?;
         // The session owns the arena now: it stays mapped for the process.
         let _ = arena.leak();
         Ok(s)
@@ -123,12 +130,22 @@ impl AppSession {
     /// by fork) under a new session of its own. The child's copy of the
     /// parent's registration is gone (plain fork), so the arena is
     /// registered again; the pages present in it are the child's data,
-    /// which the pager finds in its page tables. Nothing may touch the
-    /// arena until this returns, and the parent's hold on evictions must
-    /// last until then (the pager reads the parent's page state as at the
-    /// fork).
-    pub fn adopt(cfg: &AppConfig, parent: &AppSession) -> Result<AppSession, AppError> {
-        Self::start(cfg, parent.base, parent.len, parent.session_id())
+    /// which the pager finds in its page tables, and those that were out of
+    /// the parent come from the fork snapshot named by `snapshot` (the key
+    /// in the parent's `Held`; 0: none, the parent brought them back).
+    /// Nothing may touch the arena until this returns, and the parent's
+    /// hold on evictions must last until then (the pager reads the
+    /// parent's page state as at the fork).
+    pub fn adopt(
+        cfg: &AppConfig,
+        parent: &AppSession,
+        snapshot: u64,
+    ) -> Result<AppSession, AppError> {
+        let origin = ForkOrigin {
+            session: parent.session_id(),
+            snapshot,
+        };
+        Self::start(cfg, parent.base, parent.len, origin)
     }
 
     /// Opens and registers the uffd over `[base, base+len)`, starts the
@@ -137,7 +154,7 @@ impl AppSession {
         cfg: &AppConfig,
         base: u64,
         len: usize,
-        forked_from: u64,
+        origin: ForkOrigin,
     ) -> Result<AppSession, AppError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
@@ -171,7 +188,7 @@ impl AppSession {
         let agent = std::thread::Builder::new()
             .name("dmem-agent".into())
             .spawn(move || {
-                let r = handshake(&sock, reg_uffd, (base, len), limit, forked_from);
+                let r = handshake(&sock, reg_uffd, (base, len), limit, origin);
                 match r {
                     Ok((welcome, staging)) => {
                         let _ = tx.send(Ok(welcome));
@@ -211,13 +228,20 @@ impl AppSession {
         let msg = wire::encode(&Msg::Hold {
             session: self.welcome.session,
         });
-        sys::send_with_fds(conn.as_raw_fd(), &msg, &[]).map_err(AppError::Io)?;
-        let mut buf = vec![0u8; MAX_MSG];
-        match recv_msg(&conn, &mut buf)? {
-            (Some(Msg::Held { pages_out }), _) => Ok((conn, pages_out)),
-            (Some(Msg::Refused(why)), _) => Err(AppError::Refused(why)),
-            (None, _) => Err(AppError::Protocol("pager closed the connection".into())),
-            (Some(other), _) => Err(AppError::Protocol(format!("{other:?}"))),
+        match request(&conn, &msg)? {
+            Msg::Held { pages_out } => Ok((conn, pages_out)),
+            other => Err(AppError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// On a hold connection from `hold`, once nothing changes managed
+    /// memory until the fork: asks the pager to keep the pages out of the
+    /// process for the forked child. Returns the snapshot's key, which
+    /// the child passes to `adopt`.
+    pub fn snapshot_for_fork(&self, hold: &OwnedFd) -> Result<u64, AppError> {
+        match request(hold, &wire::encode(&Msg::Snapshot))? {
+            Msg::Snapshotted { key } => Ok(key),
+            other => Err(AppError::Protocol(format!("{other:?}"))),
         }
     }
 
@@ -272,7 +296,7 @@ fn handshake(
     uffd: i32,
     (base, len): (u64, usize),
     local_limit: u64,
-    forked_from: u64,
+    origin: ForkOrigin,
 ) -> Result<(Welcome, Mapping), AppError> {
     let reg = Msg::Register(Register {
         pid: std::process::id(),
@@ -280,7 +304,8 @@ fn handshake(
         arena_base: base,
         arena_len: len as u64,
         local_limit,
-        forked_from,
+        forked_from: origin.session,
+        fork_snapshot: origin.snapshot,
     });
     sys::send_with_fds(sock.as_raw_fd(), &wire::encode(&reg), &[uffd]).map_err(AppError::Io)?;
     let mut buf = vec![0u8; MAX_MSG];
@@ -293,6 +318,18 @@ fn handshake(
         (Some(Msg::Refused(why)), _) => Err(AppError::Refused(why)),
         (None, _) => Err(AppError::Protocol("pager closed the connection".into())),
         (Some(other), _) => Err(AppError::Protocol(format!("{other:?}"))),
+    }
+}
+
+/// Sends `msg` on `conn` and returns the answer; a refusal or a closed
+/// connection is an error.
+fn request(conn: &OwnedFd, msg: &[u8]) -> Result<Msg, AppError> {
+    sys::send_with_fds(conn.as_raw_fd(), msg, &[]).map_err(AppError::Io)?;
+    let mut buf = vec![0u8; MAX_MSG];
+    match recv_msg(conn, &mut buf)? {
+        (Some(Msg::Refused(why)), _) => Err(AppError::Refused(why)),
+        (None, _) => Err(AppError::Protocol("pager closed the connection".into())),
+        (Some(m), _) => Ok(m),
     }
 }
 

@@ -17,7 +17,8 @@ use nix::sys::time::TimeVal;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::app::connect_pager;
+use crate::app::{connect_pager, recv_msg};
+use crate::forksnap::{self, ForkSnapshot};
 use crate::pager::Pager;
 use crate::prefetch::Prefetcher;
 use crate::session::Session;
@@ -173,8 +174,10 @@ fn handle(pager: Arc<Pager>, conn: OwnedFd, socket_path: &str) {
 }
 
 /// An app about to fork: stop evicting its pages until this connection
-/// closes (the app brings its pages back so the child gets a full copy).
-/// Only the app itself may ask.
+/// closes. The app then either brings its pages back itself, or asks
+/// (`Snapshot`) for what its child needs of them to be kept in a fork
+/// snapshot (see `forksnap`), which lives until the child adopts it or
+/// every copy of this connection is closed. Only the app itself may ask.
 fn hold(pager: &Pager, session: u64, peer_pid: i32, conn: &OwnedFd) {
     // Sessions are listed before their Welcome is sent (see `register`),
     // so an app that forks at once finds its own.
@@ -192,22 +195,42 @@ fn hold(pager: &Pager, session: u64, peer_pid: i32, conn: &OwnedFd) {
         let st = s.lock();
         (st.counts.cached + st.counts.remote) as u64
     };
+    let mut key = 0;
     let reply = wire::encode(&Msg::Held { pages_out: out });
     if sys::send_with_fds(conn.as_raw_fd(), &reply, &[]).is_ok() {
-        // Held until the app (and its child's copy) close the connection,
-        // or the app dies.
+        // Held until the app and its child close the connection. A parent
+        // that dies ends the hold only when no snapshot was taken: its
+        // child may still need it (a parent may exit right after forking).
         let _ = setsockopt(conn, sockopt::ReceiveTimeout, &TimeVal::new(0, 0));
-        let mut buf = [0u8; 64];
-        while !s.is_dead() {
+        let mut buf = vec![0u8; MAX_MSG];
+        while key != 0 || !s.is_dead() {
             match sys::poll_in(conn.as_raw_fd(), 200) {
                 Ok(false) => continue,
-                Ok(true) => match sys::recv_with_fds(conn.as_raw_fd(), &mut buf) {
-                    Ok((n, _)) if n > 0 => continue,
-                    _ => break,
-                },
+                Ok(true) => {}
                 Err(_) => break,
             }
+            match recv_msg(conn, &mut buf) {
+                Ok((Some(Msg::Snapshot), _)) if key == 0 => {
+                    key = forksnap::new_key();
+                    let snap = ForkSnapshot::take(&s, pager);
+                    pager.fork_snapshots.insert(key, snap);
+                    let reply = wire::encode(&Msg::Snapshotted { key });
+                    if sys::send_with_fds(conn.as_raw_fd(), &reply, &[]).is_err() {
+                        break;
+                    }
+                }
+                Ok((Some(other), _)) => {
+                    refuse(conn, &format!("unexpected message on a hold: {other:?}"));
+                    break;
+                }
+                _ => break, // closed by every holder, or broken
+            }
         }
+    }
+    // Not adopted (the child had no managed memory, or failed): its
+    // references go.
+    if let Some((_, snap)) = pager.fork_snapshots.remove(&key) {
+        ForkSnapshot::release(&snap.pages, &pager.space);
     }
     s.release_hold();
 }
@@ -230,6 +253,29 @@ fn forked_parent(pager: &Pager, session: u64, child: i32) -> Option<Arc<Session>
         );
         None
     }
+}
+
+/// The fork snapshot a forked child's registration names, taken out of
+/// the pager's list (the child owns it now), or none when it names none.
+/// A key that is unknown, or belongs to another session's fork, is
+/// refused: without the snapshot the child would read zeros where its
+/// parent's pages were out.
+fn take_snapshot(pager: &Pager, r: &Register) -> Result<Option<ForkSnapshot>, String> {
+    if r.fork_snapshot == 0 {
+        return Ok(None);
+    }
+    let Some((key, snap)) = pager.fork_snapshots.remove(&r.fork_snapshot) else {
+        return Err("no such fork snapshot (the parent's hold ended?)".into());
+    };
+    if snap.session != r.forked_from {
+        let why = format!(
+            "the fork snapshot is of session {}, not {}",
+            snap.session, r.forked_from
+        );
+        pager.fork_snapshots.insert(key, snap);
+        return Err(why);
+    }
+    Ok(Some(snap))
 }
 
 /// Validates a registration; says exactly what is wrong.
@@ -318,27 +364,29 @@ fn register(pager: &Arc<Pager>, r: Register, uffd: OwnedFd, conn: OwnedFd) {
         },
     ));
     if r.forked_from != 0 {
+        let snapshot = match take_snapshot(pager, &r) {
+            Ok(snap) => snap,
+            Err(why) => return refuse(&s.sock, &why),
+        };
         let parent = forked_parent(pager, r.forked_from, r.pid as i32);
-        match s.adopt_present(
+        match s.adopt(
             pager,
             parent.as_deref(),
+            snapshot,
             (r.arena_base, r.arena_len as usize),
         ) {
-            Ok((n, shared)) => info!(
+            Ok((n, shared, out)) => info!(
                 session = id,
                 pid = r.pid,
                 pages = n,
                 shared,
+                out,
                 "forked child adopted its arena"
             ),
             Err(e) => {
-                return refuse(
-                    &s.sock,
-                    &format!(
-                        "cannot read the child's page tables (/proc/{}/pagemap): {e}",
-                        r.pid
-                    ),
-                )
+                // What the child had already taken goes back.
+                s.teardown(pager);
+                return refuse(&s.sock, &format!("pid {}: {e}", r.pid));
             }
         }
     }

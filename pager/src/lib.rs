@@ -4,7 +4,8 @@
 //! tier backed by memory nodes. Module map: `daemon` (unix socket,
 //! registration), `session` (one app: page table, uffd reader), `fetch`
 //! (remote faults and prefetch on the worker pool), `evict` (keeping an app
-//! under its limit), `inflight` (where victims in flight are now), `remote`
+//! under its limit), `forksnap` (what a forked child takes of the pages out
+//! of its parent), `inflight` (where victims in flight are now), `remote`
 //! (transport trait, TCP transport), `placement` (slots in replica groups
 //! on the memory nodes, rebuilds), `cache` (cache tier frames), `pages`
 //! (dense page state), `prefetch` (stream detection), `run` (`dmem run`),
@@ -16,6 +17,7 @@ pub mod cache;
 pub mod daemon;
 pub mod evict;
 pub mod fetch;
+pub mod forksnap;
 pub mod inflight;
 pub mod pager;
 pub mod pages;

@@ -16,6 +16,7 @@ use tracing::info;
 
 use crate::cache::CachePool;
 use crate::fetch::{self, FetchJob};
+use crate::forksnap::ForkSnapshot;
 use crate::placement::{SlotSpace, MIN_SLAB};
 use crate::remote::{RemoteError, Transport};
 use crate::seal::Sealer;
@@ -140,6 +141,9 @@ pub struct Pager {
     /// A block of zeros, the source of zero fills.
     pub zeros: Mapping,
     pub sessions: DashMap<u64, Arc<Session>>,
+    /// Fork snapshots by key, from a parent's `Hold` until its child adopts
+    /// the snapshot or the hold ends (see `forksnap`).
+    pub fork_snapshots: DashMap<u64, ForkSnapshot>,
     next_session: AtomicU64,
     jobs: Sender<FetchJob>,
     /// Totals of apps that have detached.
@@ -228,6 +232,7 @@ impl Pager {
             cache,
             zeros,
             sessions: DashMap::new(),
+            fork_snapshots: DashMap::new(),
             next_session: AtomicU64::new(1),
             jobs: tx,
             ended: Counters::default(),

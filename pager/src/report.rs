@@ -65,8 +65,9 @@ fn block(out: &mut String, title: &str, v: &Value) {
     if fork["adopted_pages"].as_u64().unwrap_or(0) > 0 {
         let _ = writeln!(
             out,
-            "  fork        pages adopted by forked children {}  sharing the parent's copies {}",
-            fork["adopted_pages"], fork["shared_pages"]
+            "  fork        pages adopted by forked children {}  sharing the parent's copies {}  \
+             out of the parent at the fork {}",
+            fork["adopted_pages"], fork["shared_pages"], fork["out_pages"]
         );
     }
 }
@@ -125,10 +126,11 @@ mod tests {
         let mut out = String::new();
         block(&mut out, "app", &v);
         assert!(!out.contains("fork"), "{out}");
-        v["fork"] = serde_json::json!({"adopted_pages": 12, "shared_pages": 5});
+        v["fork"] = serde_json::json!({"adopted_pages": 12, "shared_pages": 5, "out_pages": 3});
         out.clear();
         block(&mut out, "app", &v);
         assert!(out.contains("adopted by forked children 12"), "{out}");
         assert!(out.contains("copies 5"), "{out}");
+        assert!(out.contains("at the fork 3"), "{out}");
     }
 }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 use userfaultfd::{Event, EventBuffer, FaultKind, ReadWrite, Uffd};
 
+use crate::forksnap::{ForkSnapshot, OutPage};
 use crate::inflight::InFlight;
 use crate::pager::Pager;
 use crate::pages::{flag, PageMeta, PageTable, Place, NO_FRAME, NO_SLOT};
@@ -38,6 +39,15 @@ use crate::wire::{self, Msg};
 /// the limit. The evictor waits for a write-back as long, for the same
 /// reason.
 pub const HOLD_BACK: Duration = Duration::from_secs(2);
+
+/// Why a forked child's session cannot take over its inherited arena.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("cannot read the child's page tables: {0}")]
+    PageTables(nix::errno::Errno),
+    #[error("cannot install the page at {0:#x} that its parent held in the cache tier ({1:?})")]
+    Install(u64, Fill),
+}
 
 /// A page fault as read from the uffd.
 #[derive(Debug, Clone, Copy)]
@@ -270,22 +280,31 @@ impl Session {
         }
     }
 
-    /// A forked child's session starts with the pages present in its
-    /// inherited arena `[base, base+len)`: each holds the child's data, so
-    /// it is resident. A page that was clean in `parent` (its session, held
-    /// since before the fork, so nothing there became clean since) equals
-    /// the parent's remote copy: the child shares that slot (refcounted)
-    /// and the page is write-protected again, since the child's fresh
-    /// registration carries none of the parent's protections. Every other
-    /// page is dirty. Called before the session starts, while the child
-    /// waits. Returns (pages adopted, of which shared).
-    pub fn adopt_present(
+    /// A forked child's session starts with what its inherited arena
+    /// `[base, base+len)` held at the fork.
+    ///
+    /// Pages present in the child hold its data, so they are resident. A
+    /// page that was clean in `parent` (its session, held since before the
+    /// fork, so nothing there became clean since) equals the parent's
+    /// remote copy: the child shares that slot (refcounted) and the page is
+    /// write-protected again, since the child's fresh registration carries
+    /// none of the parent's protections. Every other present page is dirty.
+    ///
+    /// Pages absent from the child that were out of the parent at the fork
+    /// come from `snapshot` (see `forksnap`): a memory node's copy is
+    /// shared (the snapshot's reference passes to the child), a cache
+    /// page's bytes are installed into the child, dirty. Called before the
+    /// session starts, while the child waits. Returns (pages adopted, of
+    /// which shared, of which out of the parent at the fork).
+    pub fn adopt(
         &self,
         pager: &Pager,
         parent: Option<&Session>,
+        snapshot: Option<ForkSnapshot>,
         (base, len): (u64, usize),
-    ) -> Result<(usize, usize), nix::errno::Errno> {
-        let pages: Vec<u64> = sys::present_ranges(self.pid, base, len)?
+    ) -> Result<(usize, usize, usize), AdoptError> {
+        let pages: Vec<u64> = sys::present_ranges(self.pid, base, len)
+            .map_err(AdoptError::PageTables)?
             .into_iter()
             .flat_map(|(start, end)| (start..end).step_by(PAGE))
             .collect();
@@ -331,9 +350,50 @@ impl Session {
                 _ => pager.space.decref(slot),
             }
         }
-        self.counters.add(&self.counters.fork_adopted, n as u64);
-        self.counters.add(&self.counters.fork_shared, kept as u64);
-        Ok((n, kept))
+        let (mut out, mut out_shared) = (0, 0);
+        if let Some(snap) = snapshot {
+            let mut unused = Vec::new();
+            let mut lost = None;
+            for &p in &snap.pages {
+                let page = p.page();
+                // Present: the parent fetched it between the snapshot and
+                // the fork, and the child has its own copy.
+                if lost.is_some()
+                    || pages.binary_search(&page).is_ok()
+                    || st.table.get(page).is_none()
+                {
+                    unused.push(p);
+                    continue;
+                }
+                match p {
+                    OutPage::Remote { slot, crc, .. } => {
+                        let m = st.table.get_mut(page).expect("checked above");
+                        m.slot = slot;
+                        m.crc = crc;
+                        st.place(page, Place::Remote);
+                        out_shared += 1;
+                    }
+                    OutPage::Cached { at, .. } => {
+                        let src = snap.bytes(at).as_ptr();
+                        let (fill, done) = self.install(&mut st, page, src, PAGE, None, true);
+                        if done != 1 {
+                            lost = Some((page, fill));
+                            continue;
+                        }
+                    }
+                }
+                out += 1;
+            }
+            ForkSnapshot::release(&unused, &pager.space);
+            if let Some((page, fill)) = lost {
+                return Err(AdoptError::Install(page, fill));
+            }
+        }
+        let c = &self.counters;
+        c.add(&c.fork_adopted, (n + out) as u64);
+        c.add(&c.fork_shared, (kept + out_shared) as u64);
+        c.add(&c.fork_out, out as u64);
+        Ok((n + out, kept + out_shared, out))
     }
 
     /// Stops evictions (the app is about to fork and brings its pages

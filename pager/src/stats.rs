@@ -32,10 +32,15 @@ pub struct Counters {
     /// Times the app went over its local limit because no memory node had room.
     pub limit_exceeded: AtomicU64,
     pub peak_local_bytes: AtomicU64,
-    /// Pages a forked child's session started with (present at the fork).
+    /// Pages a forked child's session started with: present in it at the
+    /// fork, or out of its parent then (`fork_out`).
     pub fork_adopted: AtomicU64,
-    /// Of those, pages sharing the parent's remote copy (clean at the fork).
+    /// Of those, pages sharing the parent's remote copy (clean at the fork,
+    /// or on a memory node then).
     pub fork_shared: AtomicU64,
+    /// Of those, pages that were out of the parent at the fork (cache tier
+    /// or memory node), taken from its fork snapshot.
+    pub fork_out: AtomicU64,
 }
 
 impl Counters {
@@ -48,7 +53,7 @@ impl Counters {
         self.peak_local_bytes.fetch_max(bytes, Relaxed);
     }
 
-    fn fields(&self) -> [(&'static str, &AtomicU64); 17] {
+    fn fields(&self) -> [(&'static str, &AtomicU64); 18] {
         [
             ("faults_zero", &self.faults_zero),
             ("faults_cache", &self.faults_cache),
@@ -67,6 +72,7 @@ impl Counters {
             ("peak_local_bytes", &self.peak_local_bytes),
             ("fork_adopted", &self.fork_adopted),
             ("fork_shared", &self.fork_shared),
+            ("fork_out", &self.fork_out),
         ]
     }
 
@@ -154,7 +160,11 @@ pub fn to_json(c: &Counters, l: &Latencies) -> Value {
         "prefetch_waste": g(&c.prefetch_waste),
         "limit_exceeded": g(&c.limit_exceeded),
         "peak_resident_bytes": g(&c.peak_local_bytes),
-        "fork": {"adopted_pages": g(&c.fork_adopted), "shared_pages": g(&c.fork_shared)},
+        "fork": {
+            "adopted_pages": g(&c.fork_adopted),
+            "shared_pages": g(&c.fork_shared),
+            "out_pages": g(&c.fork_out),
+        },
         "fault_latency_us": pct(&l.fault),
         "fetch_latency_us": pct(&l.fetch),
         "evict_latency_us": pct(&l.evict),

@@ -9,7 +9,7 @@
 use thiserror::Error;
 
 pub const MAGIC: u32 = 0x444d_454d; // "DMEM"
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest datagram either side sends.
 pub const MAX_MSG: usize = 64 * 1024;
 /// Largest eviction batch (pages) in one `Evict`.
@@ -27,6 +27,8 @@ const K_STATS_REQUEST: u16 = 7;
 const K_STATS: u16 = 8;
 const K_HOLD: u16 = 9;
 const K_HELD: u16 = 10;
+const K_SNAPSHOT: u16 = 11;
+const K_SNAPSHOTTED: u16 = 12;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum WireError {
@@ -57,6 +59,11 @@ pub struct Register {
     /// pager finds them in the child's page tables and shares the parent's
     /// remote copies of those that were clean at the fork.
     pub forked_from: u64,
+    /// The key of the fork snapshot the parent's `Held` named (0: none):
+    /// the child takes the pages that were out of its parent at the fork
+    /// from it. Secret to the parent and its child, so that no other
+    /// process can take those pages.
+    pub fork_snapshot: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,9 +116,18 @@ pub enum Msg {
         session: u64,
     },
     /// Evictions of the session are stopped; `pages_out` of its pages are
-    /// not in the app (cached or remote) and must be brought back.
+    /// not in the app (cached or remote). The app either brings them back
+    /// before it forks or asks for a `Snapshot`.
     Held {
         pages_out: u64,
+    },
+    /// On a hold connection, once the app has stopped changing its managed
+    /// memory (its arena lock is held until after the fork): keep what a
+    /// forked child needs of the pages out of the app (see `forksnap`).
+    Snapshot,
+    /// The fork snapshot is taken; the child names `key` when it registers.
+    Snapshotted {
+        key: u64,
     },
 }
 
@@ -132,6 +148,7 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
             o.extend_from_slice(&r.arena_len.to_le_bytes());
             o.extend_from_slice(&r.local_limit.to_le_bytes());
             o.extend_from_slice(&r.forked_from.to_le_bytes());
+            o.extend_from_slice(&r.fork_snapshot.to_le_bytes());
         }
         Msg::Welcome(w) => {
             put_header(&mut o, K_WELCOME);
@@ -173,6 +190,11 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
         Msg::Held { pages_out } => {
             put_header(&mut o, K_HELD);
             o.extend_from_slice(&pages_out.to_le_bytes());
+        }
+        Msg::Snapshot => put_header(&mut o, K_SNAPSHOT),
+        Msg::Snapshotted { key } => {
+            put_header(&mut o, K_SNAPSHOTTED);
+            o.extend_from_slice(&key.to_le_bytes());
         }
     }
     o
@@ -245,6 +267,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, WireError> {
                 arena_len: r.u64()?,
                 local_limit: r.u64()?,
                 forked_from: r.u64()?,
+                fork_snapshot: r.u64()?,
             };
             r.end()?;
             Msg::Register(m)
@@ -341,6 +364,21 @@ pub fn decode(b: &[u8]) -> Result<Msg, WireError> {
             }
             .only_u64()?,
         },
+        K_SNAPSHOT => {
+            Reader {
+                b: body,
+                what: "snapshot",
+            }
+            .end()?;
+            Msg::Snapshot
+        }
+        K_SNAPSHOTTED => Msg::Snapshotted {
+            key: Reader {
+                b: body,
+                what: "snapshotted",
+            }
+            .only_u64()?,
+        },
         k => return Err(WireError::UnknownKind(k)),
     };
     Ok(msg)
@@ -359,6 +397,7 @@ mod tests {
                 arena_len: 1 << 30,
                 local_limit: 0,
                 forked_from: 0,
+                fork_snapshot: 0,
             }),
             Msg::Register(Register {
                 pid: 9,
@@ -367,6 +406,7 @@ mod tests {
                 arena_len: 1 << 30,
                 local_limit: 1 << 28,
                 forked_from: 3,
+                fork_snapshot: 0x1234_5678_9abc_def0,
             }),
             Msg::Welcome(Welcome {
                 session: 3,
@@ -397,6 +437,8 @@ mod tests {
             Msg::Stats("{}".into()),
             Msg::Hold { session: 5 },
             Msg::Held { pages_out: 77 },
+            Msg::Snapshot,
+            Msg::Snapshotted { key: 99 },
         ]
     }
 
@@ -432,8 +474,12 @@ mod tests {
             arena_len: 0,
             local_limit: 0,
             forked_from: 0,
+            fork_snapshot: 0,
         }));
         b.push(0);
         assert_eq!(decode(&b), Err(WireError::Malformed("register")));
+        let mut b = encode(&Msg::Snapshot);
+        b.push(0);
+        assert_eq!(decode(&b), Err(WireError::Malformed("snapshot")));
     }
 }

@@ -271,26 +271,28 @@ pub fn realloc(p: *mut c_void, size: usize, min_alloc: usize) -> *mut c_void {
     new
 }
 
-/// Held across `fork()` (see `fork`): the child inherits consistent lists.
-/// With `bring_back`, first reads every page of every block so that the
-/// pager puts back what it had taken out. Kept freed blocks are left out:
-/// their content is undefined to whoever takes one next, so the child may
-/// find zeros there where the parent had pages out, and bringing them back
-/// would fetch (and hold locally) memory nobody uses.
-pub fn lock_for_fork(bring_back: bool) {
+/// Held across `fork()` (see `fork`): the child inherits consistent lists,
+/// and nothing of the shim changes managed memory (frees, unmaps, moves)
+/// until after the fork. With the locks taken, `prepare` says whether to
+/// bring back every page of every block, so that the pager puts back what
+/// it had taken out. Kept freed blocks are left out: their content is
+/// undefined to whoever takes one next, so the child may find zeros there
+/// where the parent had pages out, and bringing them back would fetch (and
+/// hold locally) memory nobody uses.
+pub fn lock_for_fork(prepare: impl FnOnce() -> bool) {
     let warm = WARM.lock();
-    if let Some(ex) = EXTENTS.get() {
-        let g = ex.lock();
-        if bring_back {
+    let ex = EXTENTS.get().map(|ex| ex.lock());
+    if prepare() {
+        if let Some(g) = &ex {
             for (start, len) in g.allocations() {
                 if !warm.holds_block(start, len) {
                     sys::touch_pages(start, len);
                 }
             }
         }
-        // Released by `unlock_after_fork`, in parent and child.
-        std::mem::forget(g);
     }
+    // Released by `unlock_after_fork`, in parent and child.
+    std::mem::forget(ex);
     std::mem::forget(warm);
 }
 

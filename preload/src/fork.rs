@@ -3,27 +3,33 @@
 //! The child of a plain fork() does not inherit the userfaultfd
 //! registration: pages the pager had taken out of the parent would read as
 //! zeros there. So before the fork the parent asks the pager to hold
-//! evictions, brings every page of its managed blocks back by reading it,
-//! and holds the arena lock (the child inherits consistent bookkeeping).
-//! The child gets a complete copy-on-write image and drops its copies of
-//! the parent's pager connections and uffd. When it inherited managed
-//! blocks, it then takes its arena under a session of its own (its own
-//! uffd, agent and local limit; the pager adopts the pages present as the
-//! child's dirty data), so what it touches afterwards is paged too. A
-//! child with no managed blocks (a shell's fork before exec), or one
-//! whose session cannot be set up, runs with its managed memory as plain
-//! memory, which is correct, only unmanaged. The parent lets the pager
-//! evict again after the fork. This is correct with or without
-//! UFFD_FEATURE_EVENT_FORK, at the price of the parent's memory being
-//! local at the moment of the fork.
+//! evictions, takes the arena lock (the child inherits consistent
+//! bookkeeping, and nothing of the shim changes managed memory until after
+//! the fork), and then asks the pager for a fork snapshot: what the child
+//! needs of the pages that are out of the parent (see the pager's
+//! `forksnap`). The child gets a copy-on-write image of the pages present,
+//! drops its copies of the parent's pager connections and uffd, and, when
+//! it inherited managed blocks, takes its arena under a session of its own
+//! (its own uffd, agent and local limit): the pager adopts the pages
+//! present as the child's data and the snapshot's as pages out of it. A
+//! child with no managed blocks (a shell's fork before exec) runs with its
+//! managed memory as plain memory; nothing of its parent's is out there but
+//! kept freed blocks, whose content nobody owns. A child that cannot set up
+//! its session stops with a message: what its parent had out is only on
+//! the pager. With `DMEM_FORK_MANAGED=0` children run unmanaged, and the
+//! parent brings its pages back before every fork instead. The parent lets
+//! the pager evict again after the fork. This is correct with or without
+//! UFFD_FEATURE_EVENT_FORK.
 
 use std::os::fd::IntoRawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use crate::{arena, start, sys};
 
 /// The hold connection across the fork (-1: none).
 static HOLD_FD: AtomicI32 = AtomicI32::new(-1);
+/// The fork snapshot's key for the child (0: none, every page is present).
+static SNAPSHOT: AtomicU64 = AtomicU64::new(0);
 /// This process is a forked child without a session of its own: the
 /// session belongs to an ancestor and its managed memory is plain memory
 /// here.
@@ -32,21 +38,40 @@ static DETACHED: AtomicBool = AtomicBool::new(false);
 static CHILD_SESSIONS: AtomicBool = AtomicBool::new(true);
 
 extern "C" fn prepare() {
+    SNAPSHOT.store(0, Ordering::Release);
     let session = start::session().filter(|_| !DETACHED.load(Ordering::Acquire));
-    if let Some(s) = session {
-        match s.hold() {
-            Ok((conn, pages_out)) => {
-                HOLD_FD.store(conn.into_raw_fd(), Ordering::Release);
-                arena::lock_for_fork(pages_out > 0);
-                return;
-            }
-            Err(e) => sys::die(&format!(
-                "dmem: cannot prepare fork() with the pager ({e}); stopping rather than \
-                 giving the child memory that reads as zeros\n"
-            )),
+    let Some(s) = session else {
+        arena::lock_for_fork(|| false);
+        return;
+    };
+    let (conn, pages_out) = match s.hold() {
+        Ok(x) => x,
+        Err(e) => sys::die(&format!(
+            "dmem: cannot prepare fork() with the pager ({e}); stopping rather than \
+             giving the child memory that reads as zeros\n"
+        )),
+    };
+    // The snapshot only once the arena is locked: from then until the fork
+    // the parent's pages change only by fetches, which change no copy.
+    arena::lock_for_fork(|| {
+        if pages_out == 0 {
+            return false;
         }
-    }
-    arena::lock_for_fork(false);
+        if CHILD_SESSIONS.load(Ordering::Acquire) {
+            match s.snapshot_for_fork(&conn) {
+                Ok(key) => {
+                    SNAPSHOT.store(key, Ordering::Release);
+                    return false;
+                }
+                Err(e) => sys::write_stderr(&format!(
+                    "dmem: no fork snapshot from the pager ({e}); bringing the heap back \
+                     before fork()\n"
+                )),
+            }
+        }
+        true
+    });
+    HOLD_FD.store(conn.into_raw_fd(), Ordering::Release);
 }
 
 fn close_hold() {
@@ -84,7 +109,15 @@ fn adopt_or_detach() {
         DETACHED.store(true, Ordering::Release);
         return;
     }
-    if let Err(e) = start::adopt_after_fork(s) {
+    let snapshot = SNAPSHOT.load(Ordering::Acquire);
+    if let Err(e) = start::adopt_after_fork(s, snapshot) {
+        if snapshot != 0 {
+            sys::die(&format!(
+                "dmem: forked child {}: {e}; the memory its parent had paged out at the \
+                 fork is only with the pager, so it stops rather than read zeros\n",
+                std::process::id()
+            ));
+        }
         DETACHED.store(true, Ordering::Release);
         sys::write_stderr(&format!(
             "dmem: forked child {}: {e}; its managed memory is plain memory from here on\n",

@@ -32,12 +32,13 @@ fn set_session(s: AppSession) {
 
 /// In a forked child (from its atfork handler, single-threaded): takes the
 /// inherited arena under a new session of its own, so its managed memory
-/// stays paged with its own limit and agent.
-pub fn adopt_after_fork(inherited: &AppSession) -> Result<(), AppError> {
+/// stays paged with its own limit and agent. `snapshot`: the key of the
+/// fork snapshot holding what was out of the parent (0: none).
+pub fn adopt_after_fork(inherited: &AppSession, snapshot: u64) -> Result<(), AppError> {
     let cfg = APP_CONFIG
         .get()
         .ok_or_else(|| AppError::Protocol("no settings recorded at load".into()))?;
-    let s = AppSession::adopt(cfg, inherited)?;
+    let s = AppSession::adopt(cfg, inherited, snapshot)?;
     set_session(s);
     Ok(())
 }

@@ -236,10 +236,10 @@ static void escape_free(void *p) { escaped = p; free(p); }
  * `k`th word from 0 the child, from 1 the parent); each must see exactly
  * its own view, including pages evicted at the time of the fork. With
  * `child_heap`, the parent first pushes the block out to a memory node
- * with a temporary heap of that many MiB (so that the block is clean, with
- * remote copies, once brought back at the fork), and the child, after its
- * writes, pushes it out again with a heap of its own of that size before
- * checking it: its writes must have been seen (the block's pages were
+ * with a temporary heap of that many MiB and reads it back (so that the
+ * block is present and clean, with remote copies, at the fork), and the
+ * child, after its writes, pushes it out again with a heap of its own of
+ * that size before checking it: its writes must have been seen (the block's pages were
  * clean at the fork) or they would be dropped and read back stale. The
  * child also writes a block that was all zero pages at the fork. */
 static void fork_views(size_t mib, size_t k, size_t child_heap) {
@@ -255,6 +255,8 @@ static void fork_views(size_t mib, size_t k, size_t child_heap) {
         uint64_t *t = malloc(child_heap << 20);
         churn_fill(t, child_heap << 20, 5);
         escape_free(t);
+        /* Read back: present and clean (with remote copies) at the fork. */
+        for (size_t i = 0; i < n; i += 512) mix(a[i]);
     }
     fflush(stdout);
     pid_t pid = fork();
@@ -401,6 +403,47 @@ static void mapped(size_t mib) {
     CHECK(munmap(s, len + (1 << 20)) == 0);
 }
 
+/* fork() with the parent leaving at once: the pages it had paged out at
+ * the fork must still reach the child after the parent's session ended
+ * (they live on in the pager's fork snapshot). This process keeps a small
+ * managed block (so its child gets a session of its own) and forks a
+ * middle process, which fills an `mib` MiB block (pushed out under its
+ * own limit), forks, and exits. The grandchild waits until it is gone,
+ * checks the block, rewrites a tenth of it, checks it again, and reports
+ * on a pipe. */
+static void fork_orphan(size_t mib) {
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    uint64_t *keep = malloc(1 << 20);
+    churn_fill(keep, 1 << 20, 3);
+    fflush(stdout);
+    pid_t mid = fork();
+    if (mid == 0) {
+        close(fds[0]);
+        size_t n = (mib << 20) / 8;
+        uint64_t *a = malloc(n * 8);
+        for (size_t i = 0; i < n; i++) a[i] = val(i, 5);
+        pid_t me = getpid();
+        if (fork() == 0) {
+            while (getppid() == me) usleep(1000);
+            char ok = 'y';
+            for (size_t i = 0; i < n; i++) if (a[i] != val(i, 5)) { ok = 'n'; break; }
+            for (size_t i = 0; i < n; i += 10) a[i] = val(i, 6);
+            for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % 10 ? 5 : 6)) { ok = 'n'; break; }
+            if (write(fds[1], &ok, 1) != 1) _exit(1);
+            _exit(0);
+        }
+        _exit(0);
+    }
+    close(fds[1]);
+    reap_ok(mid);
+    char verdict = 0;
+    CHECK(read(fds[0], &verdict, 1) == 1 && verdict == 'y');
+    close(fds[0]);
+    churn_check(keep, 1 << 20, 3);
+    free(keep);
+}
+
 /* Touches memory forever (until killed), for the pager-death test. */
 static void forever(size_t mib) {
     size_t n = (mib << 20) / 8;
@@ -424,6 +467,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(m, "syscalls")) syscalls(mib);
     else if (!strcmp(m, "fork")) fork_views(mib, 3, 0);
     else if (!strcmp(m, "fork-kept")) fork_kept(mib);
+    else if (!strcmp(m, "fork-orphan")) fork_orphan(mib);
     else if (!strcmp(m, "fork-child")) fork_views(4, 2, mib);
     else if (!strcmp(m, "evict-kept")) evict_kept(mib);
     else if (!strcmp(m, "mmap")) mapped(mib);

@@ -63,6 +63,7 @@ fn register(pid: u32, base: u64, len: u64, limit: u64) -> Vec<u8> {
         arena_len: len,
         local_limit: limit,
         forked_from: 0,
+        fork_snapshot: 0,
     }))
 }
 
@@ -250,6 +251,31 @@ fn bad_registrations_are_refused_with_reasons() {
         &reg,
         &u,
         &["not initialised", "UFFDIO_API"],
+    );
+    // A forked child naming a fork snapshot that does not exist (a guess
+    // at another process's pages, or one whose parent's hold ended).
+    let ready = userfaultfd_ready();
+    expect_refused(
+        &pager,
+        "register with an unknown fork snapshot",
+        &encode(&Msg::Register(Register {
+            pid: me,
+            agent_tid: me,
+            arena_base: base,
+            arena_len: good_len,
+            local_limit: 0,
+            forked_from: 1,
+            fork_snapshot: 0xdead_beef,
+        })),
+        &[ready.as_raw_fd()],
+        &["no such fork snapshot"],
+    );
+    expect_refused(
+        &pager,
+        "a snapshot request outside a hold",
+        &encode(&Msg::Snapshot),
+        &[],
+        &["unexpected first message"],
     );
     // A datagram larger than any message.
     let mut big = reg.clone();

@@ -230,20 +230,49 @@ fn assert_adopted(r: &Run, bytes: u64) {
     );
 }
 
+/// The parent did not bring its heap back for the fork: the child took
+/// the pages that were out of the parent from the pager's fork snapshot,
+/// and no session ever held much more than its limit (`limit` bytes).
+/// With the heap brought back, the parent alone held all of it locally.
+fn assert_not_brought_back(r: &Run, limit: u64) {
+    let out = n(&r.stats, "/fork/out_pages");
+    let peak = n(&r.stats, "/peak_resident_bytes");
+    assert!(
+        out > 0 && peak < 2 * limit,
+        "the heap came back for the fork: {out} pages taken from the snapshot, \
+         peak local {peak} bytes against a limit of {limit}: {}",
+        r.stats
+    );
+}
+
 #[test]
 fn c_fork_parent_and_child_each_see_their_own_memory() {
     let r = heap_mode("fork", 64);
     assert_paged(&r, "fork");
     // The child ran under a session of its own, sharing the remote copies
-    // of the pages that were clean at the fork. It then wrote every page
-    // (so each shared page had to be write-protected again, or its writes
-    // would be dropped at eviction) and read them all back, as checked.
+    // of the pages that were clean at the fork or out of the parent. It
+    // then wrote every page (so each shared page had to be write-protected
+    // again, or its writes would be dropped at eviction) and read them all
+    // back, as checked. Three quarters of the 64 MiB block were out of the
+    // parent at the fork and stayed out.
     assert_adopted(&r, 64 << 20);
+    assert_not_brought_back(&r, 16 << 20);
+}
+
+/// The parent exits right after forking, so its session ends before its
+/// child has read anything: the pages it had out at the fork still reach
+/// the child (the fork snapshot outlives the parent's session), which
+/// checks and rewrites them (heap.c's `fork_orphan`).
+#[test]
+fn c_fork_then_the_parent_exits_and_the_child_still_reads_its_memory() {
+    let r = heap_mode("fork-orphan", 64);
+    assert_paged(&r, "fork-orphan");
+    assert_not_brought_back(&r, 16 << 20);
 }
 
 /// A forked child takes its inherited arena under a session of its own.
-/// The parent's 4 MiB block was pushed out and brought back at the fork,
-/// so it is clean with remote copies, which the child shares. The child
+/// The parent's 4 MiB block was pushed out and read back before the fork,
+/// so it is present and clean with remote copies, which the child shares. The child
 /// writes half of it, pages a heap 4x the limit through its own session
 /// (pushing the block out again), and checks the block. Its writes to the
 /// shared pages survive only if they were seen: a child that did not
@@ -282,12 +311,13 @@ fn fork_managed_0_leaves_the_child_unmanaged() {
 }
 
 /// Runs heap.c's kept-block `mode` (a live 1 MiB block and a kept 4 MiB
-/// freed block, both evicted) and checks that the live block was fetched
-/// back and the kept one was not (`why` says how it would have been).
-fn only_the_live_block_is_fetched(mode: &str, what: &str, why: &str) {
+/// freed block, both evicted) with `env` and checks that the live block
+/// was fetched back and the kept one was not (`why` says how it would
+/// have been).
+fn only_the_live_block_is_fetched(mode: &str, what: &str, why: &str, env: &[(&str, &str)]) {
     let bin = heap_bin();
     let cmd = [bin.to_str().unwrap(), mode, "192"];
-    let r = same_as_plain(what, "64M", &cmd, &[]);
+    let r = same_as_plain(what, "64M", &cmd, env);
     let fetched = n(&r.stats, "/bytes_fetched");
     assert!(
         n(&r.stats, "/evictions") > 0 && fetched >= 1 << 20,
@@ -297,16 +327,30 @@ fn only_the_live_block_is_fetched(mode: &str, what: &str, why: &str) {
     assert!(fetched < 3 << 20, "{what}: {fetched} bytes fetched: {why}");
 }
 
-/// At fork the parent brings back its evicted pages for the child, but not
-/// those of freed blocks kept for reuse: nobody's data is there. The live
-/// 1 MiB block comes back (the child checks it); the kept 4 MiB one stays
-/// out, so under 3 MiB is fetched (over 5 MiB before 2026-12-02).
+/// With children unmanaged (`DMEM_FORK_MANAGED=0`) the parent brings back
+/// its evicted pages before the fork, but not those of freed blocks kept
+/// for reuse: nobody's data is there. The live 1 MiB block comes back (the
+/// child checks it); the kept 4 MiB one stays out, so under 3 MiB is
+/// fetched (over 5 MiB before 2026-12-02).
 #[test]
 fn fork_brings_back_live_blocks_but_not_kept_freed_ones() {
     only_the_live_block_is_fetched(
         "fork-kept",
-        "fork with a kept block",
+        "fork with a kept block, DMEM_FORK_MANAGED=0",
         "the kept freed block was brought back at fork",
+        &[("DMEM_FORK_MANAGED", "0")],
+    );
+}
+
+/// With a session of its own (the default), the child fetches the live
+/// block it reads from the fork snapshot; nothing else comes back.
+#[test]
+fn a_forked_child_fetches_only_what_it_reads() {
+    only_the_live_block_is_fetched(
+        "fork-kept",
+        "fork with a kept block",
+        "more than the live block came back for the fork",
+        &[],
     );
 }
 
@@ -320,6 +364,7 @@ fn kept_freed_blocks_reached_by_eviction_are_dropped_not_fetched_back() {
         "evict-kept",
         "eviction of a kept block",
         "the evicted kept block was fetched back for its new owner",
+        &[],
     );
 }
 
