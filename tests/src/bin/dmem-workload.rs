@@ -135,12 +135,13 @@ fn main() -> ExitCode {
         }
     };
     let arena = (args.size * 2).max(4 << 20);
-    let session = match AppSession::attach(&AppConfig {
+    let cfg = AppConfig {
         socket: args.socket.clone(),
         arena_len: arena,
         local_limit: args.limit,
         on_evicted: None,
-    }) {
+    };
+    let session = match AppSession::attach(&cfg) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dmem-workload: cannot attach: {e}");
@@ -174,6 +175,7 @@ fn main() -> ExitCode {
         "munmap" => munmap(&mem),
         "scan" => scan(&mem, args.rounds),
         "hold" => hold(&mem),
+        "fork-orphan" => fork_orphan(&mem, &session, &cfg, args.rounds > 0),
         other => Err(format!("unknown scenario {other}")),
     };
     match r {
@@ -525,4 +527,72 @@ fn hold(m: &Mem) -> Result<String, String> {
         m.check(p, 2)?;
     }
     Ok(String::new())
+}
+
+/// A fork whose parent's session ends before the child takes its arena.
+/// Write everything (most of it leaves for the memory node), hold the
+/// session and take a fork snapshot as libdmem.so does before a fork, and
+/// fork. The parent exits at once. The child waits until it is gone and
+/// the pager has had time to end its session, then adopts the arena with
+/// the snapshot and verifies every page, rewrites and verifies again
+/// (without `adopt`, `--rounds 0`, it leaves without a session). Only the
+/// child prints the result line (the parent prints nothing).
+fn fork_orphan(
+    m: &Mem,
+    session: &AppSession,
+    cfg: &AppConfig,
+    adopt: bool,
+) -> Result<String, String> {
+    for p in 0..m.pages {
+        m.write(p, 1);
+    }
+    let (hold, out) = session.hold().map_err(|e| format!("hold: {e}"))?;
+    if out == 0 {
+        return Err("no page was out of the process before the fork".into());
+    }
+    let key = session
+        .snapshot_for_fork(&hold)
+        .map_err(|e| format!("snapshot: {e}"))?;
+    let _ = std::io::stdout().flush();
+    let parent = std::process::id() as i32;
+    // SAFETY: the child only closes descriptors, sleeps, and then runs
+    // single-threaded code of its own (a new session's agent is a fresh
+    // thread); nothing it calls waits on a lock the parent's other threads
+    // held at the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid > 0 {
+        // The parent: its session ends with it.
+        // SAFETY: leaving at once, without running exit handlers.
+        unsafe { libc::_exit(0) };
+    }
+    for fd in session.inherited_fds() {
+        // SAFETY: the child's copies of the parent's uffd and agent
+        // channel, which it never uses again.
+        unsafe { libc::close(fd) };
+    }
+    // SAFETY: getppid has no preconditions.
+    while unsafe { libc::getppid() } == parent {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The pager notices the parent's end within a poll interval.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    if !adopt {
+        return Ok(",\"adopted\":false".into());
+    }
+    let child = AppSession::adopt(cfg, session, key).map_err(|e| format!("adopt: {e}"))?;
+    drop(hold);
+    for p in 0..m.pages {
+        m.check(p, 1)?;
+    }
+    for p in 0..m.pages {
+        m.write(p, 2);
+    }
+    for p in 0..m.pages {
+        m.check(p, 2)?;
+    }
+    std::mem::forget(child);
+    Ok(format!(",\"snapshot_pages_out\":{out}"))
 }

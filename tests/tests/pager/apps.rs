@@ -51,6 +51,38 @@ fn two_apps_at_once_both_verify() {
     assert_all_released(&pager);
 }
 
+/// A forked child whose parent's session has ended (the parent exited
+/// right after the fork) still gets every page that was out of the parent
+/// at the fork: the fork snapshot outlives the parent's session. The child
+/// verifies every page, rewrites and verifies again; afterwards every slot
+/// is released (the snapshot's references included). A child that leaves
+/// without taking its snapshot leaves nothing behind either.
+#[test]
+fn a_fork_snapshot_outlives_the_parents_session() {
+    let node = memnode();
+    let pager = Pager::start(&["--memnode", &node.addr_string(), "--local-limit", "8M"]);
+    let r = pager.workload("fork-orphan", "32M").run().assert_ok();
+    assert!(stat(&r, &["snapshot_pages_out"]) > 0, "{r}");
+    let t = pager.stats()["total"].clone();
+    assert!(
+        stat(&t, &["fork", "out_pages"]) > 0 && stat(&t, &["faults", "remote"]) > 0,
+        "the child took nothing from the snapshot: {t:#}"
+    );
+    assert_all_released(&pager);
+    let r = pager
+        .workload("fork-orphan", "32M")
+        .arg("--rounds", 0)
+        .run()
+        .assert_ok();
+    assert_eq!(r["adopted"], false, "{r}");
+    // The hold ends (and the snapshot goes) when the child's copy of the
+    // hold connection closes, which may be just after the session ends.
+    dmem_tests::eventually(HANG_GUARD, "the snapshot's slots to be released", || {
+        (stat(&pager.stats(), &["pager", "remote_slots_used"]) == 0).then_some(())
+    });
+    assert_all_released(&pager);
+}
+
 /// An app whose pager dies is stopped with a message; it never goes on
 /// (an evicted page would read as zeros, or the app would hang).
 #[test]
