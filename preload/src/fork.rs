@@ -38,10 +38,12 @@ static DETACHED: AtomicBool = AtomicBool::new(false);
 static CHILD_SESSIONS: AtomicBool = AtomicBool::new(true);
 
 extern "C" fn prepare() {
-    SNAPSHOT.store(0, Ordering::Release);
     let session = start::session().filter(|_| !DETACHED.load(Ordering::Acquire));
     let Some(s) = session else {
-        arena::lock_for_fork(|| false);
+        arena::lock_for_fork(|| {
+            SNAPSHOT.store(0, Ordering::Release);
+            false
+        });
         return;
     };
     let (conn, pages_out) = match s.hold() {
@@ -54,6 +56,9 @@ extern "C" fn prepare() {
     // The snapshot only once the arena is locked: from then until the fork
     // the parent's pages change only by fetches, which change no copy.
     arena::lock_for_fork(|| {
+        // Under the lock: another thread's fork cannot change it before
+        // this fork copies it into the child.
+        SNAPSHOT.store(0, Ordering::Release);
         if pages_out == 0 {
             return false;
         }
