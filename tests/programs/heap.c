@@ -444,6 +444,42 @@ static void fork_orphan(size_t mib) {
     free(keep);
 }
 
+/* Four threads fork at the same moment, most of the block paged out:
+ * each child must see the whole block as at its fork (every child's fork
+ * snapshot is its own), then writes and checks a fresh block of its own. */
+struct farg { uint64_t *a; size_t n; pthread_barrier_t *go; int ok; };
+static void *forker(void *p) {
+    struct farg *f = p;
+    pthread_barrier_wait(f->go);
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (size_t i = 0; i < f->n; i++) if (f->a[i] != val(i, 1)) _exit(1);
+        size_t mn = (4 << 20) / 8;
+        uint64_t *mine = malloc(mn * 8);
+        for (size_t i = 0; i < mn; i++) mine[i] = val(i, 40 + getpid());
+        for (size_t i = 0; i < mn; i++) if (mine[i] != val(i, 40 + getpid())) _exit(1);
+        _exit(0);
+    }
+    int st = 0;
+    f->ok = pid > 0 && waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+    return 0;
+}
+static void fork_threads(size_t mib) {
+    size_t n = (mib << 20) / 8;
+    uint64_t *a = malloc(n * 8);
+    for (size_t i = 0; i < n; i++) a[i] = val(i, 1);
+    pthread_barrier_t go;
+    pthread_barrier_init(&go, 0, 4);
+    pthread_t th[4]; struct farg f[4];
+    fflush(stdout);
+    for (int t = 0; t < 4; t++) { f[t] = (struct farg){a, n, &go, 0}; pthread_create(&th[t], 0, forker, &f[t]); }
+    for (int t = 0; t < 4; t++) { pthread_join(th[t], 0); CHECK(f[t].ok); }
+    pthread_barrier_destroy(&go);
+    for (size_t i = 0; i < n; i++) if (a[i] != val(i, 1)) bad++;
+    for (size_t i = 0; i < n; i += 509) mix(a[i]);
+    free(a);
+}
+
 /* Touches memory forever (until killed), for the pager-death test. */
 static void forever(size_t mib) {
     size_t n = (mib << 20) / 8;
@@ -468,6 +504,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(m, "fork")) fork_views(mib, 3, 0);
     else if (!strcmp(m, "fork-kept")) fork_kept(mib);
     else if (!strcmp(m, "fork-orphan")) fork_orphan(mib);
+    else if (!strcmp(m, "fork-threads")) fork_threads(mib);
     else if (!strcmp(m, "fork-child")) fork_views(4, 2, mib);
     else if (!strcmp(m, "evict-kept")) evict_kept(mib);
     else if (!strcmp(m, "mmap")) mapped(mib);

@@ -259,6 +259,17 @@ fn c_fork_parent_and_child_each_see_their_own_memory() {
     assert_not_brought_back(&r, 16 << 20);
 }
 
+/// Four threads of one process fork at once, with three quarters of the
+/// block paged out: every child sees the whole block as at its fork (each
+/// fork takes a snapshot of its own, under the arena lock), and the
+/// parent's block is intact afterwards.
+#[test]
+fn c_threads_forking_at_once_each_child_sees_the_heap() {
+    let r = heap_mode("fork-threads", 64);
+    assert_paged(&r, "fork-threads");
+    assert_not_brought_back(&r, 16 << 20);
+}
+
 /// The parent exits right after forking, so its session ends before its
 /// child has read anything: the pages it had out at the fork still reach
 /// the child (the fork snapshot outlives the parent's session), which
