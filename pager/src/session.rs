@@ -222,7 +222,7 @@ pub struct Session {
     holds: AtomicUsize,
     /// The app moved managed memory (a REMAP event) since its first open
     /// hold began: its page table is no longer as at the fork, so a forked
-    /// child may not take its copies from it (see `adopt_present`).
+    /// child may not take its copies from it (see `adopt`).
     remapped_in_hold: AtomicBool,
     /// The evictor is in a pass (see `hold`).
     evicting: AtomicBool,
@@ -303,8 +303,16 @@ impl Session {
         snapshot: Option<ForkSnapshot>,
         (base, len): (u64, usize),
     ) -> Result<(usize, usize, usize), AdoptError> {
-        let pages: Vec<u64> = sys::present_ranges(self.pid, base, len)
-            .map_err(AdoptError::PageTables)?
+        let present = match sys::present_ranges(self.pid, base, len) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(snap) = &snapshot {
+                    ForkSnapshot::release(&snap.pages, &pager.space);
+                }
+                return Err(AdoptError::PageTables(e));
+            }
+        };
+        let pages: Vec<u64> = present
             .into_iter()
             .flat_map(|(start, end)| (start..end).step_by(PAGE))
             .collect();
