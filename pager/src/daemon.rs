@@ -264,18 +264,20 @@ fn take_snapshot(pager: &Pager, r: &Register) -> Result<Option<ForkSnapshot>, St
     if r.fork_snapshot == 0 {
         return Ok(None);
     }
-    let Some((key, snap)) = pager.fork_snapshots.remove(&r.fork_snapshot) else {
-        return Err("no such fork snapshot (the parent's hold ended?)".into());
-    };
-    if snap.session != r.forked_from {
-        let why = format!(
-            "the fork snapshot is of session {}, not {}",
-            snap.session, r.forked_from
-        );
-        pager.fork_snapshots.insert(key, snap);
-        return Err(why);
+    let key = r.fork_snapshot;
+    match pager
+        .fork_snapshots
+        .remove_if(&key, |_, snap| snap.session == r.forked_from)
+    {
+        Some((_, snap)) => Ok(Some(snap)),
+        None => Err(match pager.fork_snapshots.get(&key) {
+            Some(snap) => format!(
+                "the fork snapshot is of session {}, not {}",
+                snap.session, r.forked_from
+            ),
+            None => "no such fork snapshot (the parent's hold ended?)".into(),
+        }),
     }
-    Ok(Some(snap))
 }
 
 /// Validates a registration; says exactly what is wrong.

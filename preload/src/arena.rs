@@ -273,16 +273,21 @@ pub fn realloc(p: *mut c_void, size: usize, min_alloc: usize) -> *mut c_void {
 
 /// Held across `fork()` (see `fork`): the child inherits consistent lists,
 /// and nothing of the shim changes managed memory (frees, unmaps, moves)
-/// until after the fork. With the locks taken, `prepare` says whether to
-/// bring back every page of every block, so that the pager puts back what
-/// it had taken out. Kept freed blocks are left out: their content is
-/// undefined to whoever takes one next, so the child may find zeros there
-/// where the parent had pages out, and bringing them back would fetch (and
-/// hold locally) memory nobody uses.
-pub fn lock_for_fork(prepare: impl FnOnce() -> bool) {
+/// until after the fork. With the locks taken, `prepare` (told whether the
+/// program has mapped memory of its own over part of the arena) says
+/// whether to bring back every page of every block, so that the pager puts
+/// back what it had taken out. Kept freed blocks are left out: their
+/// content is undefined to whoever takes one next, so the child may find
+/// zeros there where the parent had pages out, and bringing them back
+/// would fetch (and hold locally) memory nobody uses.
+pub fn lock_for_fork(prepare: impl FnOnce(bool) -> bool) {
     let warm = WARM.lock();
     let ex = EXTENTS.get().map(|ex| ex.lock());
-    if prepare() {
+    let foreign = match (&ex, bounds()) {
+        (Some(g), Some((base, end))) => g.has_foreign(base, end - base),
+        _ => false,
+    };
+    if prepare(foreign) {
         if let Some(g) = &ex {
             for (start, len) in g.allocations() {
                 if !warm.holds_block(start, len) {

@@ -24,12 +24,15 @@
 use std::os::fd::IntoRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
+use crate::lock::SpinLock;
 use crate::{arena, start, sys};
 
 /// The hold connection across the fork (-1: none).
 static HOLD_FD: AtomicI32 = AtomicI32::new(-1);
 /// The fork snapshot's key for the child (0: none, every page is present).
 static SNAPSHOT: AtomicU64 = AtomicU64::new(0);
+/// Held from `prepare` until after the fork, in parent and child.
+static FORKING: SpinLock<()> = SpinLock::new(());
 /// This process is a forked child without a session of its own: the
 /// session belongs to an ancestor and its managed memory is plain memory
 /// here.
@@ -38,9 +41,14 @@ static DETACHED: AtomicBool = AtomicBool::new(false);
 static CHILD_SESSIONS: AtomicBool = AtomicBool::new(true);
 
 extern "C" fn prepare() {
+    // One fork at a time, from before its hold: a child must not inherit
+    // another thread's hold connection (it would keep that hold, and its
+    // parent unevicted, for its whole life), and a parent must close its
+    // own (see `parent`). Nothing else takes this lock.
+    FORKING.acquire();
     let session = start::session().filter(|_| !DETACHED.load(Ordering::Acquire));
     let Some(s) = session else {
-        arena::lock_for_fork(|| {
+        arena::lock_for_fork(|_| {
             SNAPSHOT.store(0, Ordering::Release);
             false
         });
@@ -55,14 +63,15 @@ extern "C" fn prepare() {
     };
     // The snapshot only once the arena is locked: from then until the fork
     // the parent's pages change only by fetches, which change no copy.
-    arena::lock_for_fork(|| {
-        // Under the lock: another thread's fork cannot change it before
-        // this fork copies it into the child.
+    arena::lock_for_fork(|foreign| {
         SNAPSHOT.store(0, Ordering::Release);
         if pages_out == 0 {
             return false;
         }
-        if CHILD_SESSIONS.load(Ordering::Acquire) {
+        // With a mapping of the program's own inside the arena the child
+        // cannot register the arena again (it falls back to plain memory),
+        // so it must get every page with the fork.
+        if CHILD_SESSIONS.load(Ordering::Acquire) && !foreign {
             match s.snapshot_for_fork(&conn) {
                 Ok(key) => {
                     SNAPSHOT.store(key, Ordering::Release);
@@ -87,12 +96,14 @@ fn close_hold() {
 }
 
 extern "C" fn parent() {
-    arena::unlock_after_fork();
     close_hold();
+    arena::unlock_after_fork();
+    FORKING.release();
 }
 
 extern "C" fn child() {
     arena::unlock_after_fork();
+    FORKING.release();
     adopt_or_detach();
     // Only now: the pager reads the parent's page state as at the fork,
     // which its hold on evictions keeps until this copy closes too.

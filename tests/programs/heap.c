@@ -480,6 +480,48 @@ static void fork_threads(size_t mib) {
     free(a);
 }
 
+/* fork() with a file mapped over part of a managed block (the program's
+ * own mapping inside the arena) and most of the block paged out: the
+ * child sees both the block and the file. */
+static void fork_foreign(size_t mib) {
+    size_t n = (mib << 20) / 8, mw = (1 << 20) / 8;
+    uint64_t *a = malloc(n * 8);
+    for (size_t i = 0; i < n; i++) a[i] = val(i, 1);
+    char path[] = "/tmp/dmem-heap-fork-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    unlink(path);
+    uint64_t *filebuf = malloc(1 << 20);
+    for (size_t j = 0; j < mw; j++) filebuf[j] = val(j, 9);
+    CHECK(write(fd, filebuf, 1 << 20) == 1 << 20);
+    /* Page-aligned, inside the block (glibc's blocks are not aligned). */
+    uint64_t *tail = (uint64_t *)((uintptr_t)(a + n - 2 * mw) & ~(uintptr_t)4095);
+    size_t tail_at = tail - a;
+    uint64_t *r = mmap(tail, 1 << 20, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
+    CHECK(r == tail);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (size_t i = 0; i < n; i++) {
+            uint64_t want = i >= tail_at && i < tail_at + mw ? val(i - tail_at, 9) : val(i, 1);
+            if (a[i] != want) _exit(1);
+        }
+        _exit(0);
+    }
+    reap_ok(pid);
+    /* Where the file lies depends on the block's alignment: the digest
+     * takes only whether each word is right. */
+    for (size_t i = 0; i < n; i++) {
+        uint64_t want = i >= tail_at && i < tail_at + mw ? val(i - tail_at, 9) : val(i, 1);
+        if (a[i] != want) bad++;
+        if (i % 509 == 0) mix(a[i] == want);
+    }
+    CHECK(munmap(r, 1 << 20) == 0);
+    close(fd);
+    free(filebuf);
+    free(a);
+}
+
 /* Touches memory forever (until killed), for the pager-death test. */
 static void forever(size_t mib) {
     size_t n = (mib << 20) / 8;
@@ -505,6 +547,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(m, "fork-kept")) fork_kept(mib);
     else if (!strcmp(m, "fork-orphan")) fork_orphan(mib);
     else if (!strcmp(m, "fork-threads")) fork_threads(mib);
+    else if (!strcmp(m, "fork-foreign")) fork_foreign(mib);
     else if (!strcmp(m, "fork-child")) fork_views(4, 2, mib);
     else if (!strcmp(m, "evict-kept")) evict_kept(mib);
     else if (!strcmp(m, "mmap")) mapped(mib);

@@ -270,6 +270,18 @@ fn c_threads_forking_at_once_each_child_sees_the_heap() {
     assert_not_brought_back(&r, 16 << 20);
 }
 
+/// A file mapped over part of a managed block, most of it paged out, then
+/// fork: the child cannot register the arena again around the program's
+/// own mapping, so the parent brings its heap back instead of taking a
+/// snapshot, and the child, running its arena as plain memory, sees the
+/// block and the file (with a snapshot it would have had to stop).
+#[test]
+fn fork_with_a_file_mapped_over_the_heap_brings_the_heap_back() {
+    let r = heap_mode("fork-foreign", 64);
+    assert_paged(&r, "fork-foreign");
+    assert_eq!(n(&r.stats, "/fork/out_pages"), 0, "{}", r.stats);
+}
+
 /// The parent exits right after forking, so its session ends before its
 /// child has read anything: the pages it had out at the fork still reach
 /// the child (the fork snapshot outlives the parent's session), which
