@@ -323,7 +323,7 @@ fn handshake(
 
 /// Sends `msg` on `conn` and returns the answer; a refusal or a closed
 /// connection is an error.
-fn request(conn: &OwnedFd, msg: &[u8]) -> Result<Msg, AppError> {
+pub(crate) fn request(conn: &OwnedFd, msg: &[u8]) -> Result<Msg, AppError> {
     sys::send_with_fds(conn.as_raw_fd(), msg, &[]).map_err(AppError::Io)?;
     let mut buf = vec![0u8; MAX_MSG];
     match recv_msg(conn, &mut buf)? {

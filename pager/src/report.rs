@@ -1,26 +1,20 @@
 //! `dmem stats`: asks a pager for its figures and prints them.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use serde_json::Value;
 
-use crate::app::{connect_pager, recv_msg, AppError};
-use crate::sys;
-use crate::wire::{self, Msg, MAX_MSG};
+use crate::app::{connect_pager, request, AppError};
+use crate::wire::{self, Msg};
 
 /// The pager's stats JSON.
 pub fn fetch_stats(socket: &Path) -> Result<Value, AppError> {
     let fd = connect_pager(socket)?;
-    sys::send_with_fds(fd.as_raw_fd(), &wire::encode(&Msg::StatsRequest), &[])
-        .map_err(AppError::Io)?;
-    let mut buf = vec![0u8; MAX_MSG];
-    match recv_msg(&fd, &mut buf)? {
-        (Some(Msg::Stats(text)), _) => {
+    match request(&fd, &wire::encode(&Msg::StatsRequest))? {
+        Msg::Stats(text) => {
             serde_json::from_str(&text).map_err(|e| AppError::Protocol(e.to_string()))
         }
-        (Some(Msg::Refused(why)), _) => Err(AppError::Refused(why)),
-        (other, _) => Err(AppError::Protocol(format!("unexpected reply {other:?}"))),
+        other => Err(AppError::Protocol(format!("unexpected reply {other:?}"))),
     }
 }
 

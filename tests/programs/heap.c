@@ -23,6 +23,20 @@ static uint64_t rng(uint64_t *s) { *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17
 static uint64_t digest = 1469598103934665603ull;
 static void mix(uint64_t x) { digest = (digest ^ x) * 1099511628211ull; }
 
+/* An unlinked temporary file of 1 MiB holding val(j, 9) in word j. */
+static int tag9_file(void) {
+    char path[] = "/tmp/dmem-heap-file-XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    unlink(path);
+    size_t mw = (1 << 20) / 8;
+    uint64_t *buf = malloc(1 << 20);
+    for (size_t j = 0; j < mw; j++) buf[j] = val(j, 9);
+    CHECK(write(fd, buf, 1 << 20) == 1 << 20);
+    free(buf);
+    return fd;
+}
+
 /* Blocks of 1 MiB, written sequentially then verified and rewritten at random. */
 static void seq_random(size_t mib) {
     size_t nb = mib, words = (1 << 20) / 8;
@@ -361,13 +375,7 @@ static void mapped(size_t mib) {
 
     /* A file mapped over 1 MiB of it reads the file; unmapped and mapped
      * anonymous again, zeros. */
-    char path[] = "/tmp/dmem-heap-map-XXXXXX";
-    int fd = mkstemp(path);
-    CHECK(fd >= 0);
-    unlink(path);
-    uint64_t *filebuf = malloc(1 << 20);
-    for (size_t j = 0; j < mw; j++) filebuf[j] = val(j, 9);
-    CHECK(write(fd, filebuf, 1 << 20) == 1 << 20);
+    int fd = tag9_file();
     size_t h3 = (3 * n / 4) & ~(mw - 1);
     r = mmap(a + h3, 1 << 20, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
     CHECK(r == a + h3);
@@ -377,7 +385,6 @@ static void mapped(size_t mib) {
     CHECK(r == a + h3);
     for (size_t j = 0; j < mw; j++) { CHECK(r[j] == 0); r[j] = val(h3 + j, 1); }
     close(fd);
-    free(filebuf);
     for (size_t i = 0; i < n; i++) if (a[i] != val(i, 1)) bad++;
 
     /* mremap: grow (data kept, new tail zeros), shrink in place, and move
@@ -487,13 +494,7 @@ static void fork_foreign(size_t mib) {
     size_t n = (mib << 20) / 8, mw = (1 << 20) / 8;
     uint64_t *a = malloc(n * 8);
     for (size_t i = 0; i < n; i++) a[i] = val(i, 1);
-    char path[] = "/tmp/dmem-heap-fork-XXXXXX";
-    int fd = mkstemp(path);
-    CHECK(fd >= 0);
-    unlink(path);
-    uint64_t *filebuf = malloc(1 << 20);
-    for (size_t j = 0; j < mw; j++) filebuf[j] = val(j, 9);
-    CHECK(write(fd, filebuf, 1 << 20) == 1 << 20);
+    int fd = tag9_file();
     /* Page-aligned, inside the block (glibc's blocks are not aligned). */
     uint64_t *tail = (uint64_t *)((uintptr_t)(a + n - 2 * mw) & ~(uintptr_t)4095);
     size_t tail_at = tail - a;
@@ -518,7 +519,6 @@ static void fork_foreign(size_t mib) {
     }
     CHECK(munmap(r, 1 << 20) == 0);
     close(fd);
-    free(filebuf);
     free(a);
 }
 

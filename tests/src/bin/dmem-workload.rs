@@ -504,6 +504,21 @@ fn munmap(m: &Mem) -> Result<String, String> {
     Ok(format!(",\"unmapped_pages\":{n}"))
 }
 
+/// Verifies version 1 of every page, rewrites them all as version 2, and
+/// verifies again.
+fn check_rewrite_check(m: &Mem) -> Result<(), String> {
+    for p in 0..m.pages {
+        m.check(p, 1)?;
+    }
+    for p in 0..m.pages {
+        m.write(p, 2);
+    }
+    for p in 0..m.pages {
+        m.check(p, 2)?;
+    }
+    Ok(())
+}
+
 /// Write everything (most of it leaves for the memory node), say so, wait
 /// for a line on stdin (or its end), then verify, rewrite and verify again.
 fn hold(m: &Mem) -> Result<String, String> {
@@ -517,15 +532,7 @@ fn hold(m: &Mem) -> Result<String, String> {
     }
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);
-    for p in 0..m.pages {
-        m.check(p, 1)?;
-    }
-    for p in 0..m.pages {
-        m.write(p, 2);
-    }
-    for p in 0..m.pages {
-        m.check(p, 2)?;
-    }
+    check_rewrite_check(m)?;
     Ok(String::new())
 }
 
@@ -584,15 +591,7 @@ fn fork_orphan(
     }
     let child = AppSession::adopt(cfg, session, key).map_err(|e| format!("adopt: {e}"))?;
     drop(hold);
-    for p in 0..m.pages {
-        m.check(p, 1)?;
-    }
-    for p in 0..m.pages {
-        m.write(p, 2);
-    }
-    for p in 0..m.pages {
-        m.check(p, 2)?;
-    }
+    check_rewrite_check(m)?;
     std::mem::forget(child);
     Ok(format!(",\"snapshot_pages_out\":{out}"))
 }
