@@ -52,7 +52,12 @@ struct Group {
     /// Region id of the replica's slab on its node; [`GONE`] when the node
     /// lost the session that held it.
     regions: Vec<u32>,
-    refs: Vec<u8>,
+    /// References per slot: one per process (or fork snapshot) whose page
+    /// table names it. u32, because a forking server can have more than
+    /// 255 children sharing a page, and there are fewer processes than that
+    /// (pid_max is at most 2^22), each with at most one reference and one
+    /// snapshot per slot.
+    refs: Vec<u32>,
     free: Vec<u32>,
     /// A replica is being rebuilt: no new slots until it is whole again.
     rebuilding: bool,
@@ -512,9 +517,7 @@ impl SlotSpace {
         let mut inner = crate::lock(&self.inner);
         let g = &mut inner.groups[(s / self.slab_slots) as usize];
         let r = &mut g.refs[(s % self.slab_slots) as usize];
-        *r = r
-            .checked_add(1)
-            .expect("slot shared by more than 255 processes");
+        *r = r.checked_add(1).expect("slot references beyond u32");
     }
 
     /// Drops a reference; the slot is reused once none remain.

@@ -680,6 +680,22 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// Raises the soft open-file limit to the hard limit. Every app session
+/// holds a uffd, an agent socket and a staging memfd, so a program that forks
+/// a few hundred children outgrows the common soft default of 1024 fds.
+/// Returns the (old, new) soft limit.
+pub fn raise_fd_limit() -> Result<(u64, u64), Errno> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    // An unlimited hard limit is still capped by fs.nr_open (default 2^20).
+    let target = hard.min(1 << 20);
+    if soft < target {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
+        return Ok((soft, target));
+    }
+    Ok((soft, soft))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

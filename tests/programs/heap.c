@@ -487,6 +487,50 @@ static void fork_threads(size_t mib) {
     free(a);
 }
 
+/* Many children alive at once, as under a pre-forking server: 300
+ * children of one parent, most of its block paged out or clean with remote
+ * copies, all sharing the parent's pages (a page's remote copy is then
+ * referenced by every one of them). Each checks every 64th page of the
+ * block as at its fork, reports on a pipe, and waits until all have
+ * checked before it exits. */
+#define MANY 300
+static void fork_many(size_t mib) {
+    size_t n = (mib << 20) / 8;
+    uint64_t *a = malloc(n * 8);
+    for (size_t i = 0; i < n; i++) a[i] = val(i, 1);
+    /* Read back the first quarter: present and clean, with remote copies. */
+    for (size_t i = 0; i < n / 4; i += 512) mix(a[i]);
+    int ready[2], go[2];
+    CHECK(pipe(ready) == 0 && pipe(go) == 0);
+    pid_t kids[MANY];
+    fflush(stdout);
+    for (int c = 0; c < MANY; c++) {
+        kids[c] = fork();
+        CHECK(kids[c] >= 0);
+        if (kids[c] == 0) {
+            close(ready[0]); close(go[1]);
+            char ok = 'y';
+            for (size_t i = (size_t)c * 512 % (64 * 512); i < n; i += 64 * 512)
+                if (a[i] != val(i, 1)) ok = 'n';
+            if (write(ready[1], &ok, 1) != 1) _exit(2);
+            char x;
+            /* EOF once the parent has heard from every child. */
+            while (read(go[0], &x, 1) > 0) {}
+            _exit(ok == 'y' ? 0 : 1);
+        }
+    }
+    close(ready[1]); close(go[0]);
+    size_t heard = 0;
+    char r;
+    while (heard < MANY && read(ready[0], &r, 1) == 1) { CHECK(r == 'y'); heard++; }
+    CHECK(heard == MANY);
+    close(go[1]); close(ready[0]);
+    for (int c = 0; c < MANY; c++) if (kids[c] > 0) reap_ok(kids[c]);
+    for (size_t i = 0; i < n; i++) if (a[i] != val(i, 1)) bad++;
+    for (size_t i = 0; i < n; i += 509) mix(a[i]);
+    free(a);
+}
+
 /* fork() with a file mapped over part of a managed block (the program's
  * own mapping inside the arena) and most of the block paged out: the
  * child sees both the block and the file. */
@@ -548,6 +592,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(m, "fork-orphan")) fork_orphan(mib);
     else if (!strcmp(m, "fork-threads")) fork_threads(mib);
     else if (!strcmp(m, "fork-foreign")) fork_foreign(mib);
+    else if (!strcmp(m, "fork-many")) fork_many(mib);
     else if (!strcmp(m, "fork-child")) fork_views(4, 2, mib);
     else if (!strcmp(m, "evict-kept")) evict_kept(mib);
     else if (!strcmp(m, "mmap")) mapped(mib);

@@ -92,6 +92,13 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), String> {
     let signals = shutdown::block_signals()?;
+    match dmem_pager::sys::raise_fd_limit() {
+        Ok((old, new)) if new > old => info!(old, new, "raised the open-file limit"),
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %e, "could not raise the open-file limit; many app sessions may fail")
+        }
+    }
     if args.local_limit < (1 << 20) {
         return Err("--local-limit must be at least 1M".into());
     }

@@ -270,6 +270,30 @@ fn c_threads_forking_at_once_each_child_sees_the_heap() {
     assert_not_brought_back(&r, 16 << 20);
 }
 
+/// 300 children of one parent alive at once (a pre-forking server), most
+/// of the parent's block paged out or clean with remote copies: every
+/// child takes a session of its own over the parent's pages, so a page's
+/// remote copy is referenced by all of them at the same time. No child may
+/// fall back to plain memory, nor the parent bring its heap back.
+#[test]
+fn three_hundred_children_share_the_pages_of_one_parent() {
+    let r = heap_mode("fork-many", 16);
+    assert_paged(&r, "fork-many");
+    for fallback in ["no fork snapshot", "plain memory from here on"] {
+        assert!(
+            !r.stderr.contains(fallback),
+            "a fork fell back ({fallback}):\n{}",
+            r.stderr
+        );
+    }
+    assert!(
+        n(&r.stats, "/fork/out_pages") >= 300 * (12 << 20) / 4096,
+        "the children did not each take the parent's paged-out pages: {}",
+        r.stats["fork"]
+    );
+    assert_not_brought_back(&r, 4 << 20);
+}
+
 /// A file mapped over part of a managed block, most of it paged out, then
 /// fork: the child cannot register the arena again around the program's
 /// own mapping, so the parent brings its heap back instead of taking a
