@@ -60,6 +60,7 @@ pub fn run(s: &Arc<Session>, pager: &Arc<Pager>) {
         let Some(_pass) = s.begin_eviction_pass() else {
             continue; // held: the app is forking
         };
+        crate::contain::failpoint("evict");
         let high = s.limit_pages.saturating_sub(2 * s.batch);
         let low = s.limit_pages.saturating_sub(3 * s.batch);
         let (local, cached) = {

@@ -190,6 +190,7 @@ const PREFETCH_CHUNK: usize = 64;
 
 /// Runs a fetch job on a worker thread.
 pub fn run(job: FetchJob, pager: &Pager, bufs: &mut Buffers) {
+    crate::contain::failpoint("fetch");
     let s = &job.session;
     let reservation = Reservation(s, job.demand.len());
     let t0 = Instant::now();

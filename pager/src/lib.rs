@@ -9,11 +9,12 @@
 //! (transport trait, TCP transport), `placement` (slots in replica groups
 //! on the memory nodes, rebuilds), `cache` (cache tier frames), `pages`
 //! (dense page state), `prefetch` (stream detection), `run` (`dmem run`),
-//! `seal` (pages encrypted at rest), `stats`, `wire` (app <-> pager messages), `app` (the app side, used by
+//! `seal` (pages encrypted at rest), `stats`, `contain` (a panic stops only the app it hit), `wire` (app <-> pager messages), `app` (the app side, used by
 //! libdmem.so and tests), `sys` (OS calls).
 
 pub mod app;
 pub mod cache;
+pub mod contain;
 pub mod daemon;
 pub mod evict;
 pub mod fetch;

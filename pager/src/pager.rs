@@ -15,6 +15,7 @@ use thiserror::Error;
 use tracing::info;
 
 use crate::cache::CachePool;
+use crate::contain::contain;
 use crate::fetch::{self, FetchJob};
 use crate::forksnap::ForkSnapshot;
 use crate::placement::{SlotSpace, MIN_SLAB};
@@ -248,7 +249,12 @@ impl Pager {
                 .spawn(move || {
                     let mut bufs = fetch::Buffers::default();
                     for job in rx {
-                        fetch::run(job, &p, &mut bufs);
+                        let s = Arc::clone(&job.session);
+                        if contain(&s, "fetch worker", || fetch::run(job, &p, &mut bufs)).is_none()
+                        {
+                            // Its buffers may be half-filled: start afresh.
+                            bufs = fetch::Buffers::default();
+                        }
                     }
                 })
                 .map_err(|e| PagerError::Config(format!("cannot start workers: {e}")))?;
@@ -280,13 +286,14 @@ impl Pager {
         let (p, s2) = (Arc::clone(self), Arc::clone(&s));
         let evictor = std::thread::Builder::new()
             .name(format!("dmem-evict-{}", s.id))
-            .spawn(move || crate::evict::run(&s2, &p))
+            .spawn(move || contain(&s2, "evictor", || crate::evict::run(&s2, &p)))
             .expect("spawn evictor");
         let p = Arc::clone(self);
         std::thread::Builder::new()
             .name(format!("dmem-uffd-{}", s.id))
             .spawn(move || {
-                s.run_reader(&p);
+                // A panic stops the app (`fatal` also ends the evictor).
+                let _ = contain(&s, "fault reader", || s.run_reader(&p));
                 let _ = evictor.join();
                 s.teardown(&p);
                 let mut figures = p.app_json(&s);

@@ -678,6 +678,15 @@ impl Pager {
     /// Like [`Pager::start`], but a pager that refuses to start is an
     /// `Err` carrying its log.
     pub fn try_start<S: AsRef<OsStr>>(args: &[S]) -> Result<Pager, String> {
+        Pager::try_start_env(args, &[])
+    }
+
+    /// Like [`Pager::start`], with extra environment variables.
+    pub fn start_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Pager {
+        Pager::try_start_env(args, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Result<Pager, String> {
         let args: Vec<&OsStr> = args.iter().map(AsRef::as_ref).collect();
         let dir = TempDir::new("pager");
         let default_socket = dir.path().join("pager.sock");
@@ -688,7 +697,7 @@ impl Pager {
         if !args.contains(&OsStr::new("--local-limit")) {
             cmd.args(["--local-limit", "16M"]);
         }
-        cmd.args(&args);
+        cmd.args(&args).envs(env.iter().copied());
         let (child, line, stdout, log, dir) = spawn_daemon(cmd, "dmem-pager", dir)?;
         let socket = line
             .trim()

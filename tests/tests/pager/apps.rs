@@ -111,6 +111,50 @@ fn app_stops_with_a_message_when_the_pager_dies() {
     assert!(!out.stderr.contains("WRONG DATA"), "{:?}", out.stderr);
 }
 
+/// A bug inside the pager (a panic, forced here with a failpoint) in its
+/// fault reader, a fetch worker or an app's evictor stops only the app it
+/// hit, with a message naming the pager's part: the app never hangs and
+/// never reads wrong data, and the same pager then serves a new app that
+/// pages 4x its limit, verifying every byte.
+#[test]
+fn a_panic_inside_the_pager_stops_only_that_app_with_a_message() {
+    let node = memnode();
+    for point in ["fetch:1", "fetch:300", "evict:3"] {
+        let mut pager = Pager::start_env(
+            &["--memnode", &node.addr_string(), "--local-limit", "8M"],
+            &[("DMEM_PAGER_FAILPOINT", point)],
+        );
+        let out = pager.workload("random", "32M").run();
+        assert!(
+            !out.status.success(),
+            "{point}: the app finished although the pager panicked under it: {out:?}"
+        );
+        assert!(
+            matches!(out.signal(), Some(libc::SIGABRT | libc::SIGKILL)),
+            "{point}: the app should be stopped by the pager, not exit: {out:?}"
+        );
+        let name = point.split(':').next().unwrap();
+        assert!(
+            out.stderr.contains("dmem:")
+                && out.stderr.contains("internal error in the pager's")
+                && out.stderr.contains(&format!("failpoint {name} reached")),
+            "{point}: no clear message on the app's stderr: {:?}",
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("WRONG DATA"),
+            "{point}: {:?}",
+            out.stderr
+        );
+        pager.assert_alive();
+        // Each failpoint fires once: the next app runs clean, bit for bit.
+        pager.workload("random", "32M").run().assert_ok();
+        pager.workload("seq", "32M").run().assert_ok();
+        assert_all_released(&pager);
+        pager.assert_alive();
+    }
+}
+
 /// The metrics endpoint serves `dmem_pager_*` series that follow the apps.
 #[test]
 fn metrics_endpoint_serves_pager_series() {
