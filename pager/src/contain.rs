@@ -7,12 +7,15 @@
 //! hang) and the pager goes on serving every other app.
 //!
 //! `DMEM_PAGER_FAILPOINT=NAME:N` makes the Nth pass through failpoint NAME
-//! panic, so that tests can show this with the real daemons.
+//! panic, so that tests can show this with the real daemons;
+//! `NAME:sleep:MS` makes every pass wait MS milliseconds instead, so that
+//! a test can win a race it needs to win (see `failpoint`'s callers).
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use crate::session::Session;
 
@@ -44,19 +47,37 @@ fn message(p: &(dyn Any + Send)) -> String {
     }
 }
 
-/// Panics on the Nth pass through `name` when `DMEM_PAGER_FAILPOINT` says so.
+/// What `DMEM_PAGER_FAILPOINT` asks of one failpoint.
+#[derive(Debug, PartialEq, Eq)]
+enum Action {
+    PanicAt(u64),
+    Sleep(Duration),
+}
+
+/// `NAME:N` or `NAME:sleep:MS`; anything else is no failpoint.
+fn parse(spec: &str) -> Option<(String, Action)> {
+    let (name, rest) = spec.split_once(':')?;
+    let action = match rest.split_once(':') {
+        Some(("sleep", ms)) => Action::Sleep(Duration::from_millis(ms.parse().ok()?)),
+        Some(_) => return None,
+        None => Action::PanicAt(rest.parse().ok()?),
+    };
+    Some((name.to_string(), action))
+}
+
+/// Panics or waits at `name` when `DMEM_PAGER_FAILPOINT` says so.
 pub fn failpoint(name: &str) {
-    static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static SPEC: OnceLock<Option<(String, Action)>> = OnceLock::new();
     static PASSES: AtomicU64 = AtomicU64::new(0);
-    let spec = SPEC.get_or_init(|| {
-        let v = std::env::var("DMEM_PAGER_FAILPOINT").ok()?;
-        let (n, at) = v.split_once(':')?;
-        Some((n.to_string(), at.parse().ok()?))
-    });
-    if let Some((n, at)) = spec {
-        if n == name && PASSES.fetch_add(1, Ordering::Relaxed) + 1 == *at {
-            panic!("failpoint {name} reached");
+    let spec = SPEC.get_or_init(|| parse(&std::env::var("DMEM_PAGER_FAILPOINT").ok()?));
+    match spec {
+        Some((n, Action::PanicAt(at))) if n == name => {
+            if PASSES.fetch_add(1, Ordering::Relaxed) + 1 == *at {
+                panic!("failpoint {name} reached");
+            }
         }
+        Some((n, Action::Sleep(d))) if n == name => std::thread::sleep(*d),
+        _ => {}
     }
 }
 
@@ -72,5 +93,17 @@ mod tests {
         assert_eq!(message(p.as_ref()), "formatted 7");
         let p = catch_unwind(|| std::panic::panic_any(3u8)).unwrap_err();
         assert_eq!(message(p.as_ref()), "a panic");
+    }
+
+    #[test]
+    fn failpoint_specs_parse_or_are_ignored() {
+        assert_eq!(parse("fetch:3"), Some(("fetch".into(), Action::PanicAt(3))));
+        assert_eq!(
+            parse("adopt:sleep:250"),
+            Some(("adopt".into(), Action::Sleep(Duration::from_millis(250))))
+        );
+        for bad in ["fetch", "fetch:", "fetch:x", "adopt:sleep:", "adopt:nap:5"] {
+            assert_eq!(parse(bad), None, "{bad}");
+        }
     }
 }

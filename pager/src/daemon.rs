@@ -370,6 +370,9 @@ fn register(pager: &Arc<Pager>, r: Register, uffd: OwnedFd, conn: OwnedFd) {
             Ok(snap) => snap,
             Err(why) => return refuse(&s.sock, &why),
         };
+        // Tests widen the window in which the parent can change its pages
+        // before the child's adoption looks at them.
+        crate::contain::failpoint("adopt");
         let parent = forked_parent(pager, r.forked_from, r.pid as i32);
         match s.adopt(
             pager,

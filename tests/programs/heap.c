@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -291,6 +292,45 @@ static void fork_views(size_t mib, size_t k, size_t child_heap) {
     for (size_t i = 0; i < n; i++) if (a[i] != val(i, i % k == 1 ? 3 : 1)) bad++;
     for (size_t i = 0; i < n; i += 511) mix(a[i]);
     free(a);
+}
+
+/* A raw mremap (past the shim) in the parent after a fork, before its
+ * child's session is set up. Block a (tag 1) is out on a memory node at
+ * the fork, block b (tag 2) present and clean with remote copies. The
+ * parent moves a over b and reads it, which fetches a's pages into b's
+ * addresses clean. The child still has b as at the fork: it must not take
+ * the parent's remote copies there for its own (they now hold a), which
+ * it would read back after its heap of `mib` MiB pushed b out. The pager's
+ * test delays the child's adoption so that the parent's move comes first.
+ * Untouched 8 MiB gaps keep the prefetch of b off a. */
+static void fork_remap(size_t mib) {
+    size_t len = 4 << 20, n = len / 8, gap = 8 << 20;
+    int prot = PROT_READ | PROT_WRITE, fl = MAP_PRIVATE | MAP_ANONYMOUS;
+    uint64_t *a = mmap(NULL, len, prot, fl, -1, 0);
+    void *g1 = mmap(NULL, gap, prot, fl, -1, 0);
+    uint64_t *b = mmap(NULL, len, prot, fl, -1, 0);
+    void *g2 = mmap(NULL, gap, prot, fl, -1, 0);
+    CHECK(a != MAP_FAILED && b != MAP_FAILED && g1 != MAP_FAILED && g2 != MAP_FAILED);
+    churn_fill(a, len, 1);
+    churn_fill(b, len, 2);
+    uint64_t *t = malloc(mib << 20);
+    churn_fill(t, mib << 20, 5);
+    escape_free(t);
+    for (size_t i = 0; i < n; i += 512) mix(b[i]);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        seq_random(mib);
+        size_t cb = 0;
+        for (size_t i = 0; i < n; i++) if (b[i] != val(i, 2) || a[i] != val(i, 1)) cb++;
+        if (cb) fprintf(stderr, "fork-remap child: %zu words wrong\n", cb);
+        _exit(cb || bad ? 1 : 0);
+    }
+    void *r = (void *)syscall(SYS_mremap, a, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, b);
+    CHECK(r == (void *)b);
+    for (size_t i = 0; i < n; i++) if (b[i] != val(i, 1)) bad++;
+    reap_ok(pid);
+    for (size_t i = 0; i < n; i += 511) mix(b[i]);
 }
 
 /* The setup of the kept-block modes: a live 1 MiB block (returned, filled
@@ -593,6 +633,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(m, "fork-threads")) fork_threads(mib);
     else if (!strcmp(m, "fork-foreign")) fork_foreign(mib);
     else if (!strcmp(m, "fork-many")) fork_many(mib);
+    else if (!strcmp(m, "fork-remap")) fork_remap(mib);
     else if (!strcmp(m, "fork-child")) fork_views(4, 2, mib);
     else if (!strcmp(m, "evict-kept")) evict_kept(mib);
     else if (!strcmp(m, "mmap")) mapped(mib);

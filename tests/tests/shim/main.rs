@@ -294,6 +294,44 @@ fn three_hundred_children_share_the_pages_of_one_parent() {
     assert_not_brought_back(&r, 4 << 20);
 }
 
+/// A raw `mremap` (past the shim) in the parent right after a fork,
+/// while its child's session is being set up (the pager delays the
+/// adoption by 1 s, `DMEM_PAGER_FAILPOINT=adopt:sleep:1000`, so that the
+/// move comes first). The parent moves a block that was out at the fork
+/// over one that was present and clean, and reads it: its page state at
+/// those addresses is no longer as at the fork, so the child must share
+/// none of its present pages' remote copies (only the snapshot's). With
+/// the guard removed (tried) the child shares them, drops its clean copy
+/// of the block at eviction and reads the parent's moved block back: all
+/// 524,288 words wrong.
+#[test]
+fn a_parent_moving_memory_during_the_fork_shares_nothing_present() {
+    let bin = heap_bin();
+    let cmd = [bin.to_str().unwrap(), "fork-remap", "64"];
+    let r = same_as_plain(
+        "fork-remap",
+        "16M",
+        &cmd,
+        &[("DMEM_PAGER_FAILPOINT", "adopt:sleep:1000")],
+    );
+    assert_paged(&r, "fork-remap");
+    let (adopted, shared, out) = (
+        n(&r.stats, "/fork/adopted_pages"),
+        n(&r.stats, "/fork/shared_pages"),
+        n(&r.stats, "/fork/out_pages"),
+    );
+    assert!(
+        adopted >= 2 * 1024 && out >= 1024,
+        "the child did not adopt the present block and take the one out: {}",
+        r.stats["fork"]
+    );
+    assert_eq!(
+        shared, out,
+        "the child shared remote copies of present pages after the parent moved memory: {}",
+        r.stats["fork"]
+    );
+}
+
 /// A file mapped over part of a managed block, most of it paged out, then
 /// fork: the child cannot register the arena again around the program's
 /// own mapping, so the parent brings its heap back instead of taking a
