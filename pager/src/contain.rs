@@ -71,10 +71,10 @@ pub fn failpoint(name: &str) {
     static PASSES: AtomicU64 = AtomicU64::new(0);
     let spec = SPEC.get_or_init(|| parse(&std::env::var("DMEM_PAGER_FAILPOINT").ok()?));
     match spec {
-        Some((n, Action::PanicAt(at))) if n == name => {
-            if PASSES.fetch_add(1, Ordering::Relaxed) + 1 == *at {
-                panic!("failpoint {name} reached");
-            }
+        Some((n, Action::PanicAt(at)))
+            if n == name && PASSES.fetch_add(1, Ordering::Relaxed) + 1 == *at =>
+        {
+            panic!("failpoint {name} reached")
         }
         Some((n, Action::Sleep(d))) if n == name => std::thread::sleep(*d),
         _ => {}
