@@ -1,4 +1,5 @@
-//! fork() under the shim. Registered with `pthread_atfork` once attached.
+//! fork() under the shim: atfork handlers registered ahead of every other
+//! (`register_first`).
 //!
 //! The child of a plain fork() does not inherit the userfaultfd
 //! registration: pages the pager had taken out of the parent would read as
@@ -21,8 +22,10 @@
 //! the pager evict again after the fork. This is correct with or without
 //! UFFD_FEATURE_EVENT_FORK.
 
+use std::ffi::{c_int, c_void};
 use std::os::fd::IntoRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::Once;
 
 use crate::lock::SpinLock;
 use crate::{arena, start, sys};
@@ -149,10 +152,45 @@ pub fn detached() -> bool {
 
 pub fn install(child_sessions: bool) {
     CHILD_SESSIONS.store(child_sessions, Ordering::Release);
-    // SAFETY: the three handlers are plain extern "C" functions that live
-    // for the life of the process.
-    let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
-    if rc != 0 {
-        sys::write_stderr("dmem: pthread_atfork failed; fork() may be unsafe\n");
-    }
+    register_first();
+}
+
+/// Registers the shim's handlers with glibc, once. glibc runs child
+/// handlers in the order they were registered, and a library the program
+/// depends on is initialised before the preloaded shim: a child handler it
+/// registered from its constructor would run before the shim's and read
+/// zeros where the parent had pages out. So the shim's are registered
+/// ahead of any other, by the first `pthread_atfork` call (see
+/// `__register_atfork`) or at attach, whichever comes first. Before the
+/// shim attaches the handlers find no session and change nothing.
+fn register_first() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let rc = sys::libc_register_atfork(
+            Some(prepare),
+            Some(parent),
+            Some(child),
+            std::ptr::null_mut(),
+        );
+        if rc != 0 {
+            sys::write_stderr("dmem: cannot register fork handlers; fork() may be unsafe\n");
+        }
+    });
+}
+
+/// Interposes glibc's `__register_atfork`, which every `pthread_atfork`
+/// call goes through (glibc links `pthread_atfork` into each caller), so
+/// that the shim's handlers come first (`register_first`).
+///
+/// # Safety
+/// As glibc's: the handlers must stay callable while `dso` is loaded.
+#[no_mangle]
+pub unsafe extern "C" fn __register_atfork(
+    prepare: sys::AtforkHandler,
+    parent: sys::AtforkHandler,
+    child: sys::AtforkHandler,
+    dso: *mut c_void,
+) -> c_int {
+    register_first();
+    sys::libc_register_atfork(prepare, parent, child, dso)
 }

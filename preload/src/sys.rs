@@ -43,24 +43,27 @@ pub fn libc_memalign(align: usize, size: usize) -> *mut c_void {
     unsafe { __libc_memalign(align, size) }
 }
 
-type UsableFn = unsafe extern "C" fn(*mut c_void) -> usize;
-static USABLE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
-
-/// glibc's `malloc_usable_size` (found with `dlsym(RTLD_NEXT)`, since the
-/// shim exports its own).
-pub fn libc_usable_size(ptr: *mut c_void) -> usize {
-    if ptr.is_null() {
-        return 0;
-    }
-    let mut f = USABLE.load(Ordering::Acquire);
+/// The next definition of `name` after this library's (glibc's, for the
+/// symbols the shim exports itself), looked up once into `cache`.
+fn next_symbol(name: &std::ffi::CStr, cache: &AtomicPtr<c_void>) -> *mut c_void {
+    let mut f = cache.load(Ordering::Acquire);
     if f.is_null() {
         // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT skips this
-        // library and finds glibc's definition.
-        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr()) };
-        if f.is_null() {
-            return 0;
-        }
-        USABLE.store(f, Ordering::Release);
+        // library.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+        cache.store(f, Ordering::Release);
+    }
+    f
+}
+
+type UsableFn = unsafe extern "C" fn(*mut c_void) -> usize;
+
+/// glibc's `malloc_usable_size` (the shim exports its own).
+pub fn libc_usable_size(ptr: *mut c_void) -> usize {
+    static USABLE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+    let f = next_symbol(c"malloc_usable_size", &USABLE);
+    if ptr.is_null() || f.is_null() {
+        return 0;
     }
     // SAFETY: `f` is glibc's malloc_usable_size, whose signature this is.
     let f: UsableFn = unsafe { std::mem::transmute::<*mut c_void, UsableFn>(f) };
@@ -68,8 +71,30 @@ pub fn libc_usable_size(ptr: *mut c_void) -> usize {
     unsafe { f(ptr) }
 }
 
-/// Drops the pages of `[addr, addr+len)`: they read as zeros afterwards
-/// (and the pager forgets them, through the uffd REMOVE event).
+pub type AtforkHandler = Option<unsafe extern "C" fn()>;
+type RegisterAtforkFn =
+    unsafe extern "C" fn(AtforkHandler, AtforkHandler, AtforkHandler, *mut c_void) -> libc::c_int;
+
+/// glibc's `__register_atfork` (what `pthread_atfork` calls; the shim
+/// exports its own, see `fork.rs`). ENOSYS if glibc has none.
+pub fn libc_register_atfork(
+    prepare: AtforkHandler,
+    parent: AtforkHandler,
+    child: AtforkHandler,
+    dso: *mut c_void,
+) -> libc::c_int {
+    static REGISTER: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+    let f = next_symbol(c"__register_atfork", &REGISTER);
+    if f.is_null() {
+        return libc::ENOSYS;
+    }
+    // SAFETY: `f` is glibc's __register_atfork, whose signature this is.
+    let f: RegisterAtforkFn = unsafe { std::mem::transmute::<*mut c_void, RegisterAtforkFn>(f) };
+    // SAFETY: glibc copies the handler pointers; they and `dso` are the
+    // caller's to vouch for (the same contract as pthread_atfork's).
+    unsafe { f(prepare, parent, child, dso) }
+}
+
 pub fn dontneed(addr: u64, len: u64) -> Result<(), i32> {
     // SAFETY: the range lies in the shim's arena, which stays mapped for
     // the life of the process; the caller owns it (freed by the program).

@@ -5,6 +5,7 @@
 //! proves that paging really happened (evictions and faults served from
 //! the memory node), so a shim that silently did nothing fails.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -12,19 +13,35 @@ use std::time::Duration;
 
 use dmem_tests::{bin_path, eventually, run_cmd, TempDir};
 
+/// A C source in tests/programs.
+fn program(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("programs")
+        .join(name)
+}
+
+/// `cc -O2 -pthread ARGS...`; panics if it fails.
+fn cc(args: &[&OsStr]) {
+    let st = Command::new("cc")
+        .args(["-O2", "-pthread"])
+        .args(args)
+        .status()
+        .expect("a C compiler (cc) is needed: scripts/setup.sh installs build-essential");
+    assert!(st.success(), "cannot compile: cc {args:?}");
+}
+
 /// The C test program (tests/programs/heap.c), compiled once per test run.
 fn heap_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("programs/heap.c");
         let out = std::env::temp_dir().join(format!("dmem-heap-{}", std::process::id()));
-        let st = Command::new("cc")
-            .args(["-O2", "-pthread", "-Wno-alloc-size-larger-than", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status()
-            .expect("a C compiler (cc) is needed: scripts/setup.sh installs build-essential");
-        assert!(st.success(), "cannot compile {}", src.display());
+        let src = program("heap.c");
+        cc(&[
+            "-Wno-alloc-size-larger-than".as_ref(),
+            "-o".as_ref(),
+            out.as_ref(),
+            src.as_ref(),
+        ]);
         out
     })
     .clone()
@@ -328,6 +345,48 @@ fn a_parent_moving_memory_during_the_fork_shares_nothing_present() {
     assert_eq!(
         shared, out,
         "the child shared remote copies of present pages after the parent moved memory: {}",
+        r.stats["fork"]
+    );
+}
+
+/// A library the program depends on registers, from its constructor, an
+/// atfork child handler that reads the program's 8 MiB block, which is out
+/// of the parent at the fork (tests/programs/atfork_early.c). Such a
+/// library is initialised before the preloaded shim, so its handler used
+/// to run before the shim's child handler had set up the child's session,
+/// and read zeros (tried: the child's check fails). The shim's handlers
+/// now go first whoever registers first.
+#[test]
+fn an_atfork_handler_registered_before_the_shim_reads_the_childs_memory() {
+    let dir = TempDir::new("atfork-early");
+    let (src, lib, bin) = (
+        program("atfork_early.c"),
+        dir.path().join("libatfork_early.so"),
+        dir.path().join("atfork_early"),
+    );
+    cc(&[
+        "-shared".as_ref(),
+        "-fPIC".as_ref(),
+        "-DEARLY_LIB".as_ref(),
+        "-o".as_ref(),
+        lib.as_ref(),
+        src.as_ref(),
+    ]);
+    let rpath = format!("-Wl,-rpath,{}", dir.path().display());
+    cc(&[
+        "-o".as_ref(),
+        bin.as_ref(),
+        src.as_ref(),
+        "-L".as_ref(),
+        dir.path().as_ref(),
+        "-latfork_early".as_ref(),
+        rpath.as_ref(),
+    ]);
+    let r = same_as_plain("atfork_early", "16M", &[bin.to_str().unwrap(), "64"], &[]);
+    assert!(r.stdout.contains("child=ok"), "{}", r.stdout);
+    assert!(
+        n(&r.stats, "/fork/out_pages") >= 1024,
+        "the block was not out of the parent at the fork: {}",
         r.stats["fork"]
     );
 }
