@@ -25,7 +25,6 @@
 use std::ffi::{c_int, c_void};
 use std::os::fd::IntoRawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::Once;
 
 use crate::lock::SpinLock;
 use crate::{arena, start, sys};
@@ -47,7 +46,7 @@ extern "C" fn prepare() {
     // One fork at a time, from before its hold: a child must not inherit
     // another thread's hold connection (it would keep that hold, and its
     // parent unevicted, for its whole life), and a parent must close its
-    // own (see `parent`). Nothing else takes this lock.
+    // own (see `parent`). Only attach (`between_forks`) takes it too.
     FORKING.acquire();
     let session = start::session().filter(|_| !DETACHED.load(Ordering::Acquire));
     let Some(s) = session else {
@@ -163,19 +162,33 @@ pub fn install(child_sessions: bool) {
 /// ahead of any other, by the first `pthread_atfork` call (see
 /// `__register_atfork`) or at attach, whichever comes first. Before the
 /// shim attaches the handlers find no session and change nothing.
+///
+/// A flag claimed once rather than a `Once`: a child forked while another
+/// thread was registering would inherit a `Once` still running and hang in
+/// its first `pthread_atfork`.
 fn register_first() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let rc = sys::libc_register_atfork(
-            Some(prepare),
-            Some(parent),
-            Some(child),
-            std::ptr::null_mut(),
-        );
-        if rc != 0 {
-            sys::write_stderr("dmem: cannot register fork handlers; fork() may be unsafe\n");
-        }
-    });
+    static CLAIMED: AtomicBool = AtomicBool::new(false);
+    if CLAIMED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let rc = sys::libc_register_atfork(
+        Some(prepare),
+        Some(parent),
+        Some(child),
+        std::ptr::null_mut(),
+    );
+    if rc != 0 {
+        sys::write_stderr("dmem: cannot register fork handlers; fork() may be unsafe\n");
+    }
+}
+
+/// Runs `attach` (installing the arena and the session) between forks, so
+/// that a fork's prepare handler and its parent and child handlers see
+/// the same: either both before the shim attached, or both after. Before
+/// attach the handlers can run (see `register_first`).
+pub fn between_forks(attach: impl FnOnce()) {
+    let _forks_wait = FORKING.lock();
+    attach();
 }
 
 /// Interposes glibc's `__register_atfork`, which every `pthread_atfork`

@@ -64,7 +64,7 @@ pub fn start() {
         on_evicted: Some(arena::drop_kept_evicted),
     };
     match AppSession::attach(&app_cfg) {
-        Ok(app) => {
+        Ok(app) => fork::between_forks(|| {
             arena::install(app.arena_ptr() as u64, app.arena_len() as u64);
             // Kept freed blocks take local memory from live data: a little.
             arena::keep_freed(cfg.keep_freed.min(app.local_limit() / 8));
@@ -73,7 +73,7 @@ pub fn start() {
             set_session(app);
             let _ = APP_CONFIG.set(app_cfg);
             fork::install(cfg.fork_managed);
-        }
+        }),
         Err(e) if cfg.require => {
             eprintln!("dmem: {e}; DMEM_REQUIRE=1 is set, so not running unmanaged");
             std::process::exit(1);
