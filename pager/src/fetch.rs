@@ -88,13 +88,13 @@ pub fn plan_prefetch(
     write: bool,
 ) -> FetchJob {
     let block_pages = (pager.cfg.block / PAGE) as i64;
-    let outcome = st
+    let (stream, outcome) = st
         .prefetch
         .on_fault((page / PAGE as u64) as i64 / block_pages);
     let c = &session.counters;
     if outcome.consumed > 0 {
         // The stream reached the marker: the last window was used.
-        for pg in std::mem::take(&mut st.last_prefetch) {
+        for pg in std::mem::take(st.prefetch.window(stream)) {
             if let Some(m) = st.table.get_mut(pg) {
                 if m.has(flag::PREFETCHED) && m.place == Place::Resident {
                     m.clear(flag::PREFETCHED);
@@ -140,7 +140,7 @@ pub fn plan_prefetch(
         }
         c.add(&c.prefetch_issued, (prefetch.len() + promoted.len()) as u64);
         promoted.extend(prefetch.iter().map(|c| c.page));
-        st.last_prefetch = promoted;
+        *st.prefetch.window(stream) = promoted;
     }
     session.kick_if_pressed(st, 0);
     FetchJob {

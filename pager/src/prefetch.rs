@@ -10,8 +10,21 @@
 //! is left: the next window is fetched (twice as large, up to the maximum)
 //! while the app consumes that half. Any other fault starts over with the
 //! initial window.
+//!
+//! Programs walk several streams at once: OpenBLAS's threads each sweep
+//! their own columns of C, `c = a + b` reads two arrays and writes a third.
+//! One shared history sees their faults interleaved and finds no trend, so
+//! faults are sorted into [`Streams`] by where they land (a fault joins the
+//! stream it is nearest to), each with a detector of its own.
 
 const HISTORY: usize = 8;
+/// Streams tracked at once per app; the least recently used one is
+/// replaced.
+const STREAMS: usize = 8;
+/// A fault farther than this (in blocks) from every stream's last fault
+/// starts a stream of its own. Strides beyond it are not detected: 64
+/// blocks covers a column walk of a 4096-wide float64 matrix (8 pages).
+const NEAR: i64 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
@@ -70,6 +83,15 @@ impl Prefetcher {
             window: min_window,
             stream: None,
         }
+    }
+
+    /// The last fault fed in, if any.
+    fn last(&self) -> Option<i64> {
+        (self.len > 0).then(|| self.hist[HISTORY - 1])
+    }
+
+    fn marker(&self) -> Option<i64> {
+        self.stream.map(|s| s.marker)
     }
 
     fn push(&mut self, page: i64) {
@@ -146,9 +168,137 @@ impl Prefetcher {
     }
 }
 
+/// The stream detectors of one app, and the pages each last prefetched.
+#[derive(Debug, Clone)]
+pub struct Streams {
+    /// A fresh detector, copied for every new stream.
+    fresh: Prefetcher,
+    slots: Vec<Slot>,
+    clock: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    det: Prefetcher,
+    used: u64,
+    /// Pages of this stream's last window still flagged as prefetched.
+    window: Vec<u64>,
+}
+
+/// Which stream a fault went to (see [`Streams::window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamId(usize);
+
+impl Streams {
+    pub fn new(fresh: Prefetcher) -> Streams {
+        Streams {
+            fresh,
+            slots: Vec::with_capacity(STREAMS),
+            clock: 0,
+        }
+    }
+
+    /// A fault on block `block` that was not served from the app's own
+    /// memory: it goes to the stream whose marker it hits, else to the
+    /// nearest stream within [`NEAR`], else starts one.
+    pub fn on_fault(&mut self, block: i64) -> (StreamId, Outcome) {
+        self.clock += 1;
+        let near = self
+            .slots
+            .iter()
+            .position(|s| s.det.marker() == Some(block))
+            .or_else(|| {
+                self.slots
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| Some((i, (s.det.last()? - block).abs())))
+                    .filter(|&(_, d)| d <= NEAR)
+                    .min_by_key(|&(_, d)| d)
+                    .map(|(i, _)| i)
+            });
+        let i = match near {
+            Some(i) => i,
+            None if self.slots.len() < STREAMS => {
+                self.slots.push(Slot {
+                    det: self.fresh.clone(),
+                    used: 0,
+                    window: Vec::new(),
+                });
+                self.slots.len() - 1
+            }
+            None => {
+                let (i, _) = self
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, s)| s.used)
+                    .expect("STREAMS > 0");
+                self.slots[i].det = self.fresh.clone();
+                // Its last window's pages keep their flag: counted as waste
+                // if they leave unused, as before.
+                self.slots[i].window.clear();
+                i
+            }
+        };
+        let slot = &mut self.slots[i];
+        slot.used = self.clock;
+        (StreamId(i), slot.det.on_fault(block))
+    }
+
+    /// The pages stream `id` last prefetched.
+    pub fn window(&mut self, id: StreamId) -> &mut Vec<u64> {
+        &mut self.slots[id.0].window
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleaved_streams_are_told_apart() {
+        // Two threads, each walking its own columns with a stride of 4.
+        let mut s = Streams::new(Prefetcher::new(4, 64));
+        let mut plans = Vec::new();
+        for k in 0..3 {
+            for base in [2312, 3126] {
+                let (_, o) = s.on_fault(base + 4 * k);
+                plans.extend(o.plan);
+            }
+        }
+        assert_eq!(plans.len(), 2, "{plans:?}");
+        assert!(plans.iter().all(|p| p.stride == 4));
+        assert_eq!((plans[0].start, plans[1].start), (2324, 3138));
+        // One shared detector never sees the stride in the same faults.
+        let mut one = Prefetcher::new(4, 64);
+        for k in 0..3 {
+            for base in [2312, 3126] {
+                let stride = one.on_fault(base + 4 * k).plan.map(|p| p.stride);
+                assert_ne!(stride, Some(4));
+            }
+        }
+    }
+
+    #[test]
+    fn a_marker_fault_finds_its_stream_and_the_oldest_stream_is_replaced() {
+        let mut s = Streams::new(Prefetcher::new(16, 1024));
+        for x in [100, 101, 102] {
+            s.on_fault(x);
+        }
+        // The marker of the window from 103 is 111; eight other streams
+        // in between would replace it, fewer do not.
+        for k in 1..STREAMS as i64 {
+            s.on_fault(k * 10_000);
+        }
+        let (_, o) = s.on_fault(111);
+        assert_eq!(o.consumed, 16);
+        assert_eq!(o.plan.map(|p| (p.start, p.count)), Some((119, 32)));
+        for k in 1..=STREAMS as i64 {
+            s.on_fault(k * 10_000 + 500);
+        }
+        let (_, o) = s.on_fault(135);
+        assert_eq!(o, NOTHING, "the stream was replaced");
+    }
 
     #[test]
     fn sequential_stream_grows_window_at_markers() {

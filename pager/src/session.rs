@@ -29,7 +29,7 @@ use crate::forksnap::{ForkSnapshot, OutPage};
 use crate::inflight::InFlight;
 use crate::pager::Pager;
 use crate::pages::{flag, PageMeta, PageTable, Place, NO_FRAME, NO_SLOT};
-use crate::prefetch::Prefetcher;
+use crate::prefetch::{Prefetcher, Streams};
 use crate::stats::{Counters, Latencies};
 use crate::sys::{self, Fill, Mapping, PAGE};
 use crate::wire::{self, Msg};
@@ -104,9 +104,7 @@ pub struct State {
     pub counts: Counts,
     pub resident_fifo: VecDeque<u64>,
     pub cache_fifo: VecDeque<u64>,
-    pub prefetch: Prefetcher,
-    /// Pages of the last prefetch window still flagged as prefetched.
-    pub last_prefetch: Vec<u64>,
+    pub prefetch: Streams,
     /// Most local pages (resident + cached) seen at any moment.
     pub peak_local: usize,
     /// First-touch stream: how far ahead zero fills reach.
@@ -259,8 +257,7 @@ impl Session {
                 counts: Counts::default(),
                 resident_fifo: VecDeque::new(),
                 cache_fifo: VecDeque::new(),
-                prefetch,
-                last_prefetch: Vec::new(),
+                prefetch: Streams::new(prefetch),
                 peak_local: 0,
                 reserved: 0,
                 in_flight: InFlight::default(),
