@@ -174,6 +174,7 @@ fn main() -> ExitCode {
         "zero-rewrite" => zero_rewrite(&mem),
         "munmap" => munmap(&mem),
         "scan" => scan(&mem, args.rounds),
+        "interleaved" => interleaved(&mem, args.rounds),
         "hold" => hold(&mem),
         "fork-orphan" => fork_orphan(&mem, &session, &cfg, args.rounds > 0),
         other => Err(format!("unknown scenario {other}")),
@@ -221,6 +222,22 @@ fn scan(m: &Mem, rounds: usize) -> Result<String, String> {
     }
     let gbps = (m.pages * PAGE * rounds) as f64 / t.elapsed().as_secs_f64() / 1e9;
     Ok(format!(",\"scan_gbps\":{gbps:.3}"))
+}
+
+/// Read scans of two streams at once, far apart: page i of the first
+/// half, then page i of the second half (as `c = a + b` reads its inputs).
+fn interleaved(m: &Mem, rounds: usize) -> Result<String, String> {
+    let half = m.pages / 2;
+    for p in 0..m.pages {
+        m.write(p, p as u64 + 1);
+    }
+    for _ in 0..rounds {
+        for p in 0..half {
+            m.check(p, p as u64 + 1)?;
+            m.check(half + p, (half + p) as u64 + 1)?;
+        }
+    }
+    Ok(String::new())
 }
 
 /// Random writes and reads against a shadow of versions.

@@ -199,6 +199,37 @@ fn clean_pages_are_dropped_not_written_back() {
     assert_all_released(&pager);
 }
 
+/// Two streams read at once (pages of two far-apart halves in turn) are
+/// both prefetched: most pages the app reads back come in ahead of it, not
+/// by a fault each. One detector for the whole app saw deltas of +half,
+/// -half+1, ... and prefetched nothing useful.
+#[test]
+fn two_interleaved_streams_are_both_prefetched() {
+    let node = memnode();
+    let pager = pager_for(&node, &[]);
+    let (_, s) = run_sampled(
+        &pager,
+        &pager.workload("interleaved", "64M").arg("--rounds", 2),
+    );
+    let t = totals(&pager);
+    // Both rounds read all 64 MiB back; at most the 16 MiB limit of it can
+    // still be resident when a round begins.
+    let pages_read_remote = 2 * (64 - 16) * MIB / 4096;
+    let hits = stat(&t, &["prefetch_hits"]);
+    let remote = stat(&t, &["faults", "remote"]);
+    assert!(
+        hits > pages_read_remote / 2,
+        "prefetch_hits {hits} of >= {pages_read_remote} pages read from the node: \
+         the two streams were not prefetched: {t:#}"
+    );
+    assert!(
+        remote < pages_read_remote / 4,
+        "{remote} remote faults for >= {pages_read_remote} pages read back: {t:#}"
+    );
+    assert_within_limit(&t, &s, LIMIT);
+    assert_all_released(&pager);
+}
+
 /// The peak the pager reports is a peak: it is never below the local
 /// pages (resident + cache) the pager itself reported at some moment.
 #[test]
