@@ -492,36 +492,29 @@ fn install(
             revert(s, &mut st, &pages[i..]);
             break;
         }
-        // A demand fault on a read-modify-write page puts it in writable
-        // (it is about to be written). Prefetched ones stay write-protected:
-        // installed dirty, each would need a cache frame and a write-back
-        // if evicted before use, which at 25% local cost more remote
-        // faults (GEMM 4096: 290k -> 430k) than the write-protect faults
-        // saved.
-        let demand_rw = fault.is_some()
-            && st
-                .table
-                .get(pages[i].page)
-                .is_some_and(|m| m.has(flag::REWRITTEN));
+        // A read-modify-write page goes in writable (and dirty): it is
+        // about to be written, and its write-protect fault would cost a
+        // round trip. Prefetched ones too, now that windows follow each
+        // stream: GEMM n=4096 at 25% local took 357k write-protect faults
+        // on C. (With one detector per app most windows were waste, and
+        // each such page then needed a cache frame and a write-back.)
+        let rw =
+            |st: &State, c: &Claimed| st.table.get(c.page).is_some_and(|m| m.has(flag::REWRITTEN));
+        let run_rw = rw(&st, &pages[i]);
+        let demand_rw = fault.is_some() && run_rw;
         let mut j = i + 1;
         while j < pages.len()
             && j - i < room
             && !demand_rw
             && pages[j].page == pages[j - 1].page + PAGE as u64
             && still(&st, &pages[j])
+            && rw(&st, &pages[j]) == run_rw
         {
             j += 1;
         }
         let len = (j - i) * PAGE;
         let src = buf[i * PAGE..].as_ptr();
-        let (fill, n) = s.install(
-            &mut st,
-            pages[i].page,
-            src,
-            len,
-            fault,
-            writable || demand_rw,
-        );
+        let (fill, n) = s.install(&mut st, pages[i].page, src, len, fault, writable || run_rw);
         if let Some(f) = fault {
             fault_done |= f.page >= pages[i].page && f.page < pages[i].page + (n * PAGE) as u64;
         }
