@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 
 use crate::app::recv_msg;
 use crate::pager::Pager;
-use crate::pages::{flag, Place, NO_FRAME, NO_SLOT};
+use crate::pages::{flag, Place, NO_FRAME, NO_SLOT, SPARED};
 use crate::placement::Batch;
 use crate::remote::checksum;
 use crate::session::{Session, HOLD_BACK};
@@ -153,6 +153,17 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             };
             m.clear(flag::IN_RESIDENT_FIFO);
             if m.place != Place::Resident {
+                continue;
+            }
+            if m.dirty() && m.frame != SPARED {
+                // A dirty page goes round once more before it leaves: it
+                // costs a copy, a write-back and a fetch to evict, where a
+                // clean one is dropped for free. Without access bits this
+                // is the one sign of a page's worth the pager has: an
+                // array written on every pass (a GEMM's output, live
+                // temporaries) outlives inputs streamed through once.
+                m.frame = SPARED;
+                st.push_resident(page);
                 continue;
             }
             let m = *m;

@@ -501,11 +501,9 @@ fn install(
         let rw =
             |st: &State, c: &Claimed| st.table.get(c.page).is_some_and(|m| m.has(flag::REWRITTEN));
         let run_rw = rw(&st, &pages[i]);
-        let demand_rw = fault.is_some() && run_rw;
         let mut j = i + 1;
         while j < pages.len()
             && j - i < room
-            && !demand_rw
             && pages[j].page == pages[j - 1].page + PAGE as u64
             && still(&st, &pages[j])
             && rw(&st, &pages[j]) == run_rw

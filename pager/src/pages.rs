@@ -21,6 +21,10 @@ use crate::sys::PAGE;
 
 pub const NO_SLOT: u32 = u32::MAX;
 pub const NO_FRAME: u32 = u32::MAX;
+/// `frame` of a resident page that the evictor has passed over once
+/// because it was dirty (see `evict`: dirty pages get a second round).
+/// Only meaningful while `Resident`; any move into `Resident` resets it.
+pub const SPARED: u32 = u32::MAX - 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(u8)]

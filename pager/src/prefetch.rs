@@ -218,26 +218,27 @@ impl Streams {
             });
         let i = match near {
             Some(i) => i,
-            None if self.slots.len() < STREAMS => {
-                self.slots.push(Slot {
+            None => {
+                let slot = Slot {
                     det: self.fresh.clone(),
                     used: 0,
                     window: Vec::new(),
-                });
-                self.slots.len() - 1
-            }
-            None => {
-                let (i, _) = self
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .min_by_key(|(_, s)| s.used)
-                    .expect("STREAMS > 0");
-                self.slots[i].det = self.fresh.clone();
-                // Its last window's pages keep their flag: counted as waste
-                // if they leave unused, as before.
-                self.slots[i].window.clear();
-                i
+                };
+                if self.slots.len() < STREAMS {
+                    self.slots.push(slot);
+                    self.slots.len() - 1
+                } else {
+                    // The replaced stream's last window keeps its flags:
+                    // counted as waste if those pages leave unused.
+                    let (i, _) = self
+                        .slots
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, s)| s.used)
+                        .expect("STREAMS > 0");
+                    self.slots[i] = slot;
+                    i
+                }
             }
         };
         let slot = &mut self.slots[i];
