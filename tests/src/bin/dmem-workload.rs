@@ -175,6 +175,7 @@ fn main() -> ExitCode {
         "munmap" => munmap(&mem),
         "scan" => scan(&mem, args.rounds),
         "interleaved" => interleaved(&mem, args.rounds),
+        "hot-cold" => hot_cold(&mem, args.rounds),
         "hold" => hold(&mem),
         "fork-orphan" => fork_orphan(&mem, &session, &cfg, args.rounds > 0),
         other => Err(format!("unknown scenario {other}")),
@@ -235,6 +236,33 @@ fn interleaved(m: &Mem, rounds: usize) -> Result<String, String> {
         for p in 0..half {
             m.check(p, p as u64 + 1)?;
             m.check(half + p, (half + p) as u64 + 1)?;
+        }
+    }
+    Ok(String::new())
+}
+
+/// A small array rewritten over and over (hot, dirty) while a large one,
+/// written once, is read through as a stream (cold, clean): the first
+/// sixteenth of the pages is rewritten after every sixteenth of the rest
+/// is read.
+fn hot_cold(m: &Mem, rounds: usize) -> Result<String, String> {
+    let hot = (m.pages / 16).max(1);
+    for p in 0..m.pages {
+        m.write(p, 1);
+    }
+    let mut v = 1;
+    for _ in 0..rounds {
+        for (i, p) in (hot..m.pages).enumerate() {
+            if i % hot == 0 {
+                v += 1;
+                for h in 0..hot {
+                    m.write(h, v);
+                }
+            }
+            m.check(p, 1)?;
+        }
+        for h in 0..hot {
+            m.check(h, v)?;
         }
     }
     Ok(String::new())
