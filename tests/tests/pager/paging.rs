@@ -202,24 +202,24 @@ fn clean_pages_are_dropped_not_written_back() {
 /// Pages written over and over outlive pages streamed through once: a
 /// dirty page gets a second round in the resident FIFO (evicting it costs
 /// a copy, a write-back and a fetch; a clean one is dropped for free).
-/// 4 MiB rewritten after every 3.75 MiB read of a 60 MiB stream, 8 rounds,
-/// 16 MiB local: plain FIFO wrote back 131-148 MiB (the hot pages left
-/// about twice a round), with the second round 70-82 MiB.
+/// 4 MiB rewritten after every 3.75 MiB read of a 60 MiB stream, 16
+/// rounds, 16 MiB local: see the bound below.
 #[test]
 fn rewritten_pages_outlive_a_stream_read_through() {
     let node = memnode();
     let pager = pager_for(&node, &[]);
-    let (size, rounds, hot) = (64 * MIB, 8, 4 * MIB);
+    let (size, rounds, hot) = (64 * MIB, 16, 4 * MIB);
     let (_, s) = run_sampled(
         &pager,
         &pager.workload("hot-cold", "64M").arg("--rounds", rounds),
     );
     let t = totals(&pager);
     // Every page is written once (all may leave once), and the hot pages
-    // at most once a round on top.
+    // at most 1.5 times a round on top.
     let wb = stat(&t, &["bytes_written_back"]);
+    eprintln!("hot-cold: {} MiB written back", wb / MIB);
     assert!(
-        wb <= size + rounds * hot,
+        wb <= size + rounds * hot * 3 / 2,
         "{} MiB written back for {} MiB written once and {} MiB rewritten {rounds} times: \
          the rewritten pages were evicted as often as the stream's: {t:#}",
         wb / MIB,
