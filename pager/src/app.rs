@@ -448,7 +448,9 @@ impl MoveOut {
 }
 
 /// Carries out one eviction batch (entries in address order): contiguous
-/// runs are moved out, or where that fails copied out and dropped.
+/// runs are moved out, or where that fails copied out and dropped if
+/// frozen (write-protected), else left alone (`Kept`): copying a page the
+/// app may still be writing and then dropping it could lose a write.
 fn evict(
     entries: &[wire::EvictEntry],
     staging: &Mapping,
@@ -470,7 +472,15 @@ fn evict(
                 status[k] = EvictStatus::Moved;
             }
         }
-        let rest = i + moved..j;
+        let mut rest = i + moved..j;
+        if let Some(k) = rest.clone().find(|&k| !entries[k].frozen) {
+            // From its first page that is not frozen on, the rest of the
+            // run stays (the pager freezes those pages and asks again).
+            for s in &mut status[k..j] {
+                *s = EvictStatus::Kept;
+            }
+            rest = rest.start..k;
+        }
         for k in rest.clone() {
             if entries[k].slot != NO_COPY {
                 match sys::read_own_memory(entries[k].addr, page) {

@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 
 use crate::app::recv_msg;
 use crate::pager::Pager;
-use crate::pages::{flag, Place, NO_FRAME, NO_SLOT, SPARED};
+use crate::pages::{flag, Place, NO_FRAME, NO_SLOT, SPARED, UNMOVABLE};
 use crate::placement::Batch;
 use crate::remote::checksum;
 use crate::session::{Session, HOLD_BACK};
@@ -41,6 +41,8 @@ struct Victim {
     page: u64,
     /// Cache frame reserved for it, or NO_FRAME when it is just dropped.
     frame: u32,
+    /// Write-protected for this eviction (see `evict_resident`).
+    frozen: bool,
 }
 
 /// A write-back running on its own thread.
@@ -155,7 +157,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             if m.place != Place::Resident {
                 continue;
             }
-            if m.dirty() && m.frame != SPARED {
+            if m.dirty() && m.frame == NO_FRAME {
                 // A dirty page goes round once more before it leaves: it
                 // costs a copy, a write-back and a fetch to evict, where a
                 // clean one is dropped for free. Without access bits this
@@ -189,14 +191,31 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             if let Some(m) = st.table.get_mut(page) {
                 m.set(flag::OUR_REMOVE);
             }
-            if m.dirty() {
+            // Clean pages are write-protected already (that is how they
+            // stay clean). Dirty ones are left writable: the agent takes
+            // them out with UFFDIO_MOVE, which takes a page together with
+            // every write made to it before, and a write after finds the
+            // page missing and waits in the pager. Only those the agent
+            // could not move before (shared with a forked child), or all
+            // where it cannot move any, are write-protected, so that it
+            // may copy them and drop them instead. Write-protecting every
+            // dirty victim cost an ioctl and a TLB shootdown per run, and
+            // victims taken FIFO come in runs of 1.4 pages: a third of the
+            // evictor's time at GEMM n=4096, 25% local.
+            let frozen = !m.dirty()
+                || m.frame == UNMOVABLE
+                || s.freeze_all.load(std::sync::atomic::Ordering::Relaxed);
+            if m.dirty() && frozen {
                 dirty.push(page);
             }
-            victims.push(Victim { page, frame });
+            victims.push(Victim {
+                page,
+                frame,
+                frozen,
+            });
         }
-        // Freeze the content of dirty victims: writers now wait in the
-        // pager. Clean ones are write-protected already (that is how they
-        // stay clean). One ioctl per contiguous run.
+        // Freeze the content of dirty victims taken that way: writers now
+        // wait in the pager. One ioctl per contiguous run.
         dirty.sort_unstable();
         let failed = write_protect_runs(s, &dirty);
         if !failed.is_empty() {
@@ -233,6 +252,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
         .iter()
         .enumerate()
         .map(|(i, v)| EvictEntry {
+            frozen: v.frozen,
             addr: v.page,
             slot: if v.frame == NO_FRAME {
                 NO_COPY
@@ -270,6 +290,13 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
         }
     };
     let t_agent = t0.elapsed();
+    if victims.iter().any(|v| !v.frozen) && !status.contains(&EvictStatus::Moved) {
+        // The agent moved nothing: it cannot (no UFFDIO_MOVE in this
+        // kernel), or every page was shared with a forked child. Freeze
+        // every dirty victim from now on, as before moves existed.
+        s.freeze_all
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let c = &s.counters;
     let mut page_buf = vec![0u8; PAGE];
     let mut woken = Vec::with_capacity(victims.len());
@@ -299,6 +326,34 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                 continue;
             }
             match status[i] {
+                EvictStatus::Kept => {
+                    // Not frozen and not movable (shared with a forked
+                    // child): the agent left it in the app, untouched.
+                    // The next eviction freezes it first.
+                    release(v.frame);
+                    if page != v.page {
+                        // The app moved it meanwhile.
+                        stays_resident(&mut st, page);
+                        continue;
+                    }
+                    // No REMOVE of ours comes for a page left in place. If
+                    // its flag is gone, a REMOVE did come: the app's own
+                    // DONTNEED (the move failed on the hole it left),
+                    // taken for ours. The app freed the page.
+                    if !m.has(flag::OUR_REMOVE) {
+                        s.forget(pager, &mut st, page);
+                        continue;
+                    }
+                    if let Some(m) = st.table.get_mut(page) {
+                        m.clear(flag::OUR_REMOVE);
+                    }
+                    st.place(page, Place::Resident);
+                    if let Some(m) = st.table.get_mut(page) {
+                        m.frame = UNMOVABLE;
+                    }
+                    st.push_resident(page);
+                    continue;
+                }
                 EvictStatus::Unmapped => {
                     // The agent found nothing at the victim's origin and
                     // dropped nothing: the app moved the page away before
@@ -385,6 +440,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
         pages = victims.len(),
         copied = entries.iter().filter(|e| e.slot != NO_COPY).count(),
         moved = status.iter().filter(|&&x| x == EvictStatus::Moved).count(),
+        kept = status.iter().filter(|&&x| x == EvictStatus::Kept).count(),
         runs = 1 + entries
             .windows(2)
             .filter(|w| w[1].addr != w[0].addr + PAGE as u64)

@@ -25,6 +25,10 @@ pub const NO_FRAME: u32 = u32::MAX;
 /// because it was dirty (see `evict`: dirty pages get a second round).
 /// Only meaningful while `Resident`; any move into `Resident` resets it.
 pub const SPARED: u32 = u32::MAX - 1;
+/// `frame` of a resident page (spared already) that the agent could not
+/// move out (shared with a forked child): the next eviction write-protects
+/// it first, so that the agent may copy it out and drop it.
+pub const UNMOVABLE: u32 = u32::MAX - 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[repr(u8)]

@@ -228,6 +228,9 @@ pub struct Session {
     remapped_in_hold: AtomicBool,
     /// The evictor is in a pass (see `hold`).
     evicting: AtomicBool,
+    /// The agent cannot move pages out (a kernel before 6.8): the evictor
+    /// write-protects every dirty victim up front (see `evict`).
+    pub freeze_all: AtomicBool,
 }
 
 impl Session {
@@ -278,6 +281,7 @@ impl Session {
             holds: AtomicUsize::new(0),
             remapped_in_hold: AtomicBool::new(false),
             evicting: AtomicBool::new(false),
+            freeze_all: AtomicBool::new(false),
         }
     }
 

@@ -9,7 +9,7 @@
 use thiserror::Error;
 
 pub const MAGIC: u32 = 0x444d_454d; // "DMEM"
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest datagram either side sends.
 pub const MAX_MSG: usize = 64 * 1024;
 /// Largest eviction batch (pages) in one `Evict`.
@@ -80,7 +80,16 @@ pub struct EvictEntry {
     pub addr: u64,
     /// Staging slot to copy the page into, or `NO_COPY`.
     pub slot: u32,
+    /// The page is write-protected (its content frozen): the agent may
+    /// copy it and drop it when it cannot move it. An entry that is not
+    /// frozen may be taken out only by `UFFDIO_MOVE`, which takes the page
+    /// and every write before it at once; one that cannot be moved is
+    /// left alone and reported `Kept`.
+    pub frozen: bool,
 }
+
+/// Bytes of one `Evict` entry on the wire.
+const ENTRY_LEN: usize = 13;
 
 /// Per-entry result of an eviction, in the agent's reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +101,8 @@ pub enum EvictStatus {
     /// Copied (if asked) and taken out with UFFDIO_MOVE: unlike a
     /// MADV_DONTNEED, that raised no REMOVE event.
     Moved = 2,
+    /// Not frozen and could not be moved: left untouched (no copy).
+    Kept = 3,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +178,7 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
             for e in entries {
                 o.extend_from_slice(&e.addr.to_le_bytes());
                 o.extend_from_slice(&e.slot.to_le_bytes());
+                o.push(u8::from(e.frozen));
             }
         }
         Msg::Evicted { batch, status } => {
@@ -213,6 +225,9 @@ impl Reader<'_> {
         let (h, t) = self.b.split_at(N);
         self.b = t;
         Ok(h.try_into().expect("split at N"))
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take::<1>()?[0])
     }
     fn u32(&mut self) -> Result<u32, WireError> {
         Ok(u32::from_le_bytes(self.take()?))
@@ -299,14 +314,19 @@ pub fn decode(b: &[u8]) -> Result<Msg, WireError> {
                 what: "evict",
             };
             let batch = r.u64()?;
-            if !r.b.len().is_multiple_of(12) || r.b.len() / 12 > MAX_BATCH {
+            if !r.b.len().is_multiple_of(ENTRY_LEN) || r.b.len() / ENTRY_LEN > MAX_BATCH {
                 return Err(WireError::Malformed("evict"));
             }
-            let mut entries = Vec::with_capacity(r.b.len() / 12);
+            let mut entries = Vec::with_capacity(r.b.len() / ENTRY_LEN);
             while !r.b.is_empty() {
                 entries.push(EvictEntry {
                     addr: r.u64()?,
                     slot: r.u32()?,
+                    frozen: match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(WireError::Malformed("evict")),
+                    },
                 });
             }
             Msg::Evict { batch, entries }
@@ -323,6 +343,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, WireError> {
                         0 => Ok(EvictStatus::Done),
                         1 => Ok(EvictStatus::Unmapped),
                         2 => Ok(EvictStatus::Moved),
+                        3 => Ok(EvictStatus::Kept),
                         _ => Err(WireError::Malformed("evicted")),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
@@ -421,16 +442,23 @@ mod tests {
                     EvictEntry {
                         addr: 4096,
                         slot: 0,
+                        frozen: true,
                     },
                     EvictEntry {
                         addr: 8192,
                         slot: NO_COPY,
+                        frozen: false,
                     },
                 ],
             },
             Msg::Evicted {
                 batch: 9,
-                status: vec![EvictStatus::Done, EvictStatus::Unmapped, EvictStatus::Moved],
+                status: vec![
+                    EvictStatus::Done,
+                    EvictStatus::Unmapped,
+                    EvictStatus::Moved,
+                    EvictStatus::Kept,
+                ],
             },
             Msg::Fatal("gone".into()),
             Msg::StatsRequest,
