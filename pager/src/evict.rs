@@ -400,6 +400,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                     // back; a fault reads zeros again.
                     pager.cache.release(v.frame);
                     c.add(&c.clean_drops, 1);
+                    c.add(&c.zero_victims, 1);
                     let old = m.slot;
                     if let Some(m) = st.table.get_mut(page) {
                         m.slot = NO_SLOT;

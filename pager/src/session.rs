@@ -118,7 +118,14 @@ pub struct State {
     /// Victims of the eviction batch in flight, from the address the
     /// agent acts on to where the app has moved them since (mremap).
     pub in_flight: InFlight,
+    /// The last page a missing fault found `Resident`, and how many times
+    /// in a row (see `on_fault`).
+    pub stray: (u64, u32),
 }
+
+/// Missing faults in a row on one page the pager holds resident before
+/// the app is stopped (a legitimate race costs one or two).
+const STRAY_LIMIT: u32 = 100_000;
 
 /// Most pages a zero fill reaches ahead of its fault (256 KiB).
 pub const ZERO_AHEAD_MAX: usize = 64;
@@ -268,6 +275,7 @@ impl Session {
                 peak_local: 0,
                 reserved: 0,
                 in_flight: InFlight::default(),
+                stray: (0, 0),
                 zero_stream: ZeroStream::default(),
                 stuck: false,
             }),
@@ -729,6 +737,8 @@ impl Session {
             // a plain copy-on-write the pager never sees; the agent's
             // DONTNEED right after would then drop that write silently.
             // Write-protected, the write faults to the pager and waits.
+            self.counters.add(&self.counters.faults_agent, 1);
+            debug!(session = self.id, page = format!("{:#x}", f.page), "agent fault: zeros");
             let (fill, _) = copy_run(self.uffd(), f.page, pager.zeros.as_ptr(), PAGE, true, true);
             if fill != Fill::Done {
                 // EAGAIN while an event is pending: fault again after it.
@@ -765,7 +775,28 @@ impl Session {
             }
             (_, Place::Evicting) | (false, Place::Fetching) => c.add(&c.faults_joined, 1),
             (true, _) | (false, Place::Resident) => {
+                // A race with an install or a write-protection change: the
+                // thread faults again and finds the page. A missing page
+                // the pager holds resident, over and over, means the
+                // pager's state is wrong and the page's data is gone: stop
+                // the app with a message rather than spin forever or ever
+                // hand it zeros.
+                let n = if st.stray.0 == f.page && !f.wp {
+                    st.stray.1 + 1
+                } else {
+                    1
+                };
+                st.stray = (f.page, n);
                 drop(st);
+                if n >= STRAY_LIMIT {
+                    self.fatal(&format!(
+                        "internal error: page {:#x} is missing in the program while the pager \
+                         holds it resident ({n} faults in a row); its data is lost. \
+                         This is a dmem bug, please report it",
+                        f.page
+                    ));
+                    return None;
+                }
                 self.wake(f.page, PAGE);
             }
             (false, Place::Zero | Place::Cached | Place::Remote) => {

@@ -20,6 +20,11 @@ pub struct Counters {
     pub faults_joined: AtomicU64,
     /// Faults held back while the app was over its limit.
     pub faults_throttled: AtomicU64,
+    /// Faults of the app's agent thread, served with zeros (it faulted on
+    /// a victim that was not in memory: freed by the app meanwhile).
+    pub faults_agent: AtomicU64,
+    /// Dirty victims whose copy was all zeros, dropped instead of kept.
+    pub zero_victims: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub bytes_written_back: AtomicU64,
     /// Pages evicted from the app.
@@ -53,8 +58,10 @@ impl Counters {
         self.peak_local_bytes.fetch_max(bytes, Relaxed);
     }
 
-    fn fields(&self) -> [(&'static str, &AtomicU64); 18] {
+    fn fields(&self) -> [(&'static str, &AtomicU64); 20] {
         [
+            ("faults_agent", &self.faults_agent),
+            ("zero_victims", &self.zero_victims),
             ("faults_zero", &self.faults_zero),
             ("faults_cache", &self.faults_cache),
             ("faults_remote", &self.faults_remote),
@@ -150,7 +157,9 @@ pub fn to_json(c: &Counters, l: &Latencies) -> Value {
             "write_protect": g(&c.faults_wp),
             "joined": g(&c.faults_joined),
             "throttled": g(&c.faults_throttled),
+            "agent": g(&c.faults_agent),
         },
+        "zero_victims": g(&c.zero_victims),
         "bytes_fetched": g(&c.bytes_fetched),
         "bytes_written_back": g(&c.bytes_written_back),
         "evictions": g(&c.evictions),
