@@ -738,7 +738,11 @@ impl Session {
             // DONTNEED right after would then drop that write silently.
             // Write-protected, the write faults to the pager and waits.
             self.counters.add(&self.counters.faults_agent, 1);
-            debug!(session = self.id, page = format!("{:#x}", f.page), "agent fault: zeros");
+            debug!(
+                session = self.id,
+                page = format!("{:#x}", f.page),
+                "agent fault: zeros"
+            );
             let (fill, _) = copy_run(self.uffd(), f.page, pager.zeros.as_ptr(), PAGE, true, true);
             if fill != Fill::Done {
                 // EAGAIN while an event is pending: fault again after it.
