@@ -381,6 +381,18 @@ fn agent_loop(sock: &OwnedFd, staging: &Mapping, on_evicted: Option<fn(&[u64])>)
         match msg {
             Msg::Evict { batch, entries } => {
                 let status = evict(&entries, staging, out.as_ref(), &mut page);
+                // Before the answer: a block dropped here is the app
+                // freeing victims, and its REMOVE must reach the pager
+                // while they are still in flight. After it, the REMOVE
+                // could come once the pager had settled the batch, or in
+                // between, where it was taken for the agent's own drop of
+                // a victim copied out (`done`), and the freed page kept
+                // its old content in the cache tier instead of zeros.
+                if let Some(f) = on_evicted {
+                    let mut victims: Vec<u64> = entries.iter().map(|e| e.addr).collect();
+                    victims.sort_unstable();
+                    f(&victims);
+                }
                 let reply = wire::encode(&Msg::Evicted { batch, status });
                 if let Err(e) = sys::send_with_fds(sock.as_raw_fd(), &reply, &[]) {
                     die(&format!(
@@ -389,11 +401,6 @@ fn agent_loop(sock: &OwnedFd, staging: &Mapping, on_evicted: Option<fn(&[u64])>)
                 }
                 if let Some(o) = &out {
                     o.clear(entries.len());
-                }
-                if let Some(f) = on_evicted {
-                    let mut victims: Vec<u64> = entries.iter().map(|e| e.addr).collect();
-                    victims.sort_unstable();
-                    f(&victims);
                 }
             }
             Msg::Fatal(why) => die(&why),

@@ -359,8 +359,15 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                     // dropped nothing: the app moved the page away before
                     // the agent came, and its data went with the mapping.
                     // (Were it unmapped, its UNMAP would have made it Zero
-                    // already, or will.)
+                    // already, or will.) A REMOVE at the origin meanwhile
+                    // was not the agent's, which dropped nothing: the app
+                    // freed the page (the agent drops freed blocks it kept
+                    // before it answers).
                     release(v.frame);
+                    if page == v.page && !m.has(flag::OUR_REMOVE) {
+                        s.forget(pager, &mut st, page);
+                        continue;
+                    }
                     stays_resident(&mut st, page);
                     continue;
                 }

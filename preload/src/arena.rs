@@ -133,9 +133,9 @@ pub fn free(p: *mut c_void) {
 /// there they would be written back to a memory node and fetched again if
 /// the block were reused, all for content nobody needs. Dropped, they cost
 /// nothing, and a reuse gets zero-filled pages. Kept blocks the evictor has
-/// not reached stay for reuse. (Runs on the agent thread, between batches;
-/// a victim freed this way is the app freeing a victim, which the pager
-/// already handles.)
+/// not reached stay for reuse. (Runs on the agent thread, after a batch
+/// and before its answer: a victim freed this way is the app freeing a
+/// victim in flight, which the pager handles.)
 pub fn drop_kept_evicted(victims: &[u64]) {
     let out = WARM.lock().forget_holding(victims);
     drop_all(&out);
