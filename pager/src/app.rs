@@ -382,12 +382,11 @@ fn agent_loop(sock: &OwnedFd, staging: &Mapping, on_evicted: Option<fn(&[u64])>)
             Msg::Evict { batch, entries } => {
                 let status = evict(&entries, staging, out.as_ref(), &mut page);
                 // Before the answer: a block dropped here is the app
-                // freeing victims, and its REMOVE must reach the pager
-                // while they are still in flight. After it, the REMOVE
-                // could come once the pager had settled the batch, or in
-                // between, where it was taken for the agent's own drop of
-                // a victim copied out (`done`), and the freed page kept
-                // its old content in the cache tier instead of zeros.
+                // freeing victims, and its REMOVE then always reaches the
+                // pager while they are in flight. After the answer it
+                // could come before or after the pager settled the batch,
+                // and a victim reported `unmapped` whose REMOVE came first
+                // was made resident again though the drop had emptied it.
                 if let Some(f) = on_evicted {
                     let mut victims: Vec<u64> = entries.iter().map(|e| e.addr).collect();
                     victims.sort_unstable();
