@@ -200,7 +200,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             // where it cannot move any, are write-protected, so that it
             // may copy them and drop them instead. Write-protecting every
             // dirty victim cost an ioctl and a TLB shootdown per run, and
-            // victims taken FIFO come in runs of 1.4 pages: a third of the
+            // victims taken FIFO come in runs of 1.4 pages: a quarter of the
             // evictor's time at GEMM n=4096, 25% local.
             let frozen = !m.dirty()
                 || m.frame == UNMOVABLE
