@@ -440,6 +440,13 @@ impl MoveOut {
         moved / PAGE
     }
 
+    /// Whether entry `k` is in the buffer and gone from the arena (the
+    /// buffer is empty at the start of every batch).
+    fn moved_unreported(&self, entries: &[wire::EvictEntry], k: usize) -> bool {
+        let here = self.buf.addr() + (k * PAGE) as u64;
+        sys::page_resident(here) == Some(true) && sys::page_resident(entries[k].addr) == Some(false)
+    }
+
     /// Page `k` of the buffer, which must have been moved in.
     fn read(&self, k: usize, out: &mut [u8]) {
         sys::mapping_read(&self.buf, k * PAGE, out);
@@ -470,6 +477,14 @@ fn evict(
         let mut moved = 0;
         if let Some(o) = out {
             moved = o.take(entries, i, j);
+            // A move that stops early may have taken more pages than it
+            // reports: a page gone from the arena and found in the buffer
+            // was moved. Read in place, it would fault and be served as
+            // zeros, and the victim's data lost (seen 2026-12-06: wrong
+            // GEMM results exactly in the runs with an agent fault).
+            while i + moved < j && o.moved_unreported(entries, i + moved) {
+                moved += 1;
+            }
             for k in i..i + moved {
                 if entries[k].slot != NO_COPY {
                     o.read(k, page);
