@@ -308,6 +308,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
     let c = &s.counters;
     let mut page_buf = vec![0u8; PAGE];
     let mut woken = Vec::with_capacity(victims.len());
+    let mut lost = None;
     {
         let mut st = s.lock();
         for (i, v) in victims.iter().enumerate() {
@@ -331,6 +332,14 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             if m.place != Place::Evicting {
                 // Freed or unmapped by the app meanwhile.
                 release(v.frame);
+                continue;
+            }
+            if page == v.page && st.vanished.contains(&page) {
+                // Gone from the app with nothing to say where (see
+                // `Session::note_vanished`): what the agent copied is the
+                // zeros it was served. Never hand those to the app.
+                release(v.frame);
+                lost.get_or_insert(page);
                 continue;
             }
             match status[i] {
@@ -447,6 +456,15 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                 st.place(page, to);
             }
         }
+        // Every agent fault of this batch came before its answer.
+        st.vanished.clear();
+    }
+    if let Some(page) = lost {
+        s.fatal(&format!(
+            "internal error: page {page:#x} vanished from the program while it was being \
+             evicted, and its data is lost. This is a dmem bug, please report it"
+        ));
+        return false;
     }
     // Writers that hit a victim wait for this: they fault again and find it.
     woken.sort_unstable();

@@ -121,6 +121,10 @@ pub struct State {
     /// The last page a missing fault found `Resident`, and how many times
     /// in a row (see `on_fault`).
     pub stray: (u64, u32),
+    /// Victims in flight the agent found gone from the app although the
+    /// app never freed them (see `on_fault`): their data is lost, and the
+    /// evictor stops the app when it settles them.
+    pub vanished: Vec<u64>,
 }
 
 /// Missing faults in a row on one page the pager holds resident before
@@ -276,6 +280,7 @@ impl Session {
                 reserved: 0,
                 in_flight: InFlight::default(),
                 stray: (0, 0),
+                vanished: Vec::new(),
                 zero_stream: ZeroStream::default(),
                 stuck: false,
             }),
@@ -713,6 +718,32 @@ impl Session {
         self.kick_evictor();
     }
 
+    /// The agent faulted on `page`: the page is gone from the app. That is
+    /// the app freeing it (or moving it away) while it was in flight,
+    /// unless the victim is still in flight at its origin with no REMOVE
+    /// seen: events are handled before the faults read with them, and the
+    /// app's DONTNEED zaps only after its REMOVE was read, so then nothing
+    /// the pager knows of took the page and its data is lost. The zeros the
+    /// agent is served must then never become the page's content: the
+    /// evictor stops the app when it settles the batch (an `mremap` by the
+    /// app would have moved the victim, which it checks then).
+    fn note_vanished(&self, page: u64) {
+        let mut st = self.lock();
+        let lost = st
+            .table
+            .get(page)
+            .is_some_and(|m| m.place == Place::Evicting && m.has(flag::OUR_REMOVE))
+            && st.in_flight.origin_at(page) == Some(page);
+        if lost {
+            warn!(
+                session = self.id,
+                page = format!("{page:#x}"),
+                "a victim in flight vanished from the app"
+            );
+            st.vanished.push(page);
+        }
+    }
+
     /// Handles one fault. Returns it when it must wait (app over its limit).
     /// With `inline` buffers, a remote fault that plans no prefetch is
     /// fetched by the reader itself while every node is up: a hand-off to
@@ -738,6 +769,7 @@ impl Session {
             // DONTNEED right after would then drop that write silently.
             // Write-protected, the write faults to the pager and waits.
             self.counters.add(&self.counters.faults_agent, 1);
+            self.note_vanished(f.page);
             debug!(
                 session = self.id,
                 page = format!("{:#x}", f.page),

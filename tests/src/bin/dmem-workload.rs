@@ -177,6 +177,7 @@ fn main() -> ExitCode {
         "interleaved" => interleaved(&mem, args.rounds),
         "hot-cold" => hot_cold(&mem, args.rounds),
         "hold" => hold(&mem),
+        "vanish" => vanish(&mem),
         "fork-orphan" => fork_orphan(&mem, &session, &cfg, args.rounds > 0),
         other => Err(format!("unknown scenario {other}")),
     };
@@ -383,6 +384,38 @@ fn madvise(m: &Mem) -> Result<String, String> {
         m.check(p, 2)?;
     }
     Ok(String::new())
+}
+
+/// A written page leaves the app with no event the pager could see (the
+/// workload moves it out itself with UFFDIO_MOVE, as a kernel or pager bug
+/// might), then the rest streams through until the evictor takes it. The
+/// pager must stop the app rather than let the page come back as zeros;
+/// reaching the final check means it did not.
+fn vanish(m: &Mem) -> Result<String, String> {
+    use dmem_pager::sys;
+    for p in 0..m.pages {
+        m.write(p, 1);
+    }
+    let buf = sys::Mapping::anonymous(PAGE).map_err(|e| format!("mmap: {e}"))?;
+    let uffd = sys::uffd_for_moves(buf.addr(), PAGE).map_err(|e| format!("uffd: {e}"))?;
+    let last = m.pages - 1;
+    m.write(last, 2);
+    let (moved, e) = sys::uffd_move(
+        std::os::fd::AsRawFd::as_raw_fd(&uffd),
+        buf.addr(),
+        m.page(last) as u64,
+        PAGE,
+    );
+    if moved != PAGE {
+        return Err(format!("could not move the page away: {e:?}"));
+    }
+    for _ in 0..3 {
+        for p in 0..last {
+            m.check(p, 1)?;
+        }
+    }
+    m.check(last, 2)?;
+    Ok("the vanished page came back".into())
 }
 
 /// mremap moves managed pages (wherever they are) to a new address.

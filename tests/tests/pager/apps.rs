@@ -155,6 +155,30 @@ fn a_panic_inside_the_pager_stops_only_that_app_with_a_message() {
     }
 }
 
+/// A page that leaves the app behind the pager's back (the workload moves
+/// one out itself with UFFDIO_MOVE, standing in for a kernel or pager bug)
+/// is found gone when its eviction comes: the pager stops the app with a
+/// message instead of letting the agent's zeros become the page. Before
+/// 2026-12-07 that page came back as zeros (seen as rare wrong GEMM
+/// results), which the workload's final check reports.
+#[test]
+fn a_page_gone_behind_the_pagers_back_stops_the_app_never_zeros() {
+    let node = memnode();
+    let pager = Pager::start(&["--memnode", &node.addr_string(), "--local-limit", "8M"]);
+    let out = pager.workload("vanish", "32M").run();
+    assert!(
+        !out.status.success(),
+        "the app finished although one of its pages vanished: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("dmem:") && out.stderr.contains("vanished from the program"),
+        "no clear message on the app's stderr: {:?}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("ZEROS"), "{:?}", out.stderr);
+    assert_all_released(&pager);
+}
+
 /// The metrics endpoint serves `dmem_pager_*` series that follow the apps.
 #[test]
 fn metrics_endpoint_serves_pager_series() {
