@@ -12,8 +12,10 @@
 //!
 //! Differences from the kernel that a correct program cannot see: hints
 //! are honoured only outside the arena (a hinted mapping is not managed),
-//! and unmapped managed memory stays readable (as zeros) rather than
-//! raising SIGSEGV.
+//! unmapped managed memory stays readable (as zeros) rather than raising
+//! SIGSEGV, and `madvise` advice that would only change how the kernel
+//! backs managed memory (huge pages, KSM merging, read-ahead) is accepted
+//! and ignored there (see `madvise`).
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -174,6 +176,59 @@ fn unmap(addr: u64, len: u64) -> Result<(), i32> {
     }
     let (a, b) = (lo.max(base), hi.min(end));
     arena::unmap(a, b - a);
+    Ok(())
+}
+
+/// `MADV_COLLAPSE` (Linux 6.1; not in every libc crate).
+const MADV_COLLAPSE: c_int = 25;
+
+/// Advice the arena accepts and ignores. numpy asks for huge pages on
+/// every array of 4 MiB or more: honoured, that splits the arena's mapping
+/// at each array (a UFFDIO_MOVE or UFFDIO_COPY cannot span two mappings,
+/// so victims and prefetched runs across the split take slower paths), and
+/// lets khugepaged merge resident pages into huge pages behind the pager's
+/// back, which pages 4 KiB at a time. KSM merging would share pages the
+/// pager must own alone; read-ahead hints mean nothing to it.
+fn ignored_in_arena(advice: c_int) -> bool {
+    matches!(
+        advice,
+        libc::MADV_HUGEPAGE
+            | MADV_COLLAPSE
+            | libc::MADV_MERGEABLE
+            | libc::MADV_SEQUENTIAL
+            | libc::MADV_RANDOM
+    )
+}
+
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int {
+    match advise(addr as u64, len as u64, advice) {
+        Ok(()) => 0,
+        Err(e) => {
+            sys::set_errno(e);
+            -1
+        }
+    }
+}
+
+fn advise(addr: u64, len: u64, advice: c_int) -> Result<(), i32> {
+    let arena = arena::bounds().filter(|_| arena::overlaps(addr, len));
+    let Some((base, end)) = arena.filter(|_| ignored_in_arena(advice)) else {
+        return sys::madvise(addr, len, advice);
+    };
+    if !addr.is_multiple_of(PAGE) {
+        return Err(libc::EINVAL);
+    }
+    // The parts outside the arena get the advice; the arena's is dropped.
+    let hi = round_up(addr + len, PAGE);
+    if addr < base {
+        sys::madvise(addr, base - addr, advice)?;
+    }
+    if hi > end {
+        sys::madvise(end, hi - end, advice)?;
+    }
     Ok(())
 }
 

@@ -116,6 +116,18 @@ pub fn munmap(addr: u64, len: usize) -> Result<(), i32> {
     dmem_pager::sys::munmap_raw(addr, len).map_err(|e| e as i32)
 }
 
+/// The madvise system call (the `madvise` symbol is the shim's own).
+pub fn madvise(addr: u64, len: u64, advice: i32) -> Result<(), i32> {
+    // SAFETY: the program's own request, passed on unchanged; advice never
+    // touches memory the kernel does not check itself.
+    let rc = unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) };
+    if rc == -1 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
 /// The mremap system call; `new_addr` only counts with MREMAP_FIXED.
 pub fn mremap(
     old: u64,

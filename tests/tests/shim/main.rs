@@ -512,6 +512,59 @@ fn kept_freed_blocks_reached_by_eviction_are_dropped_not_fetched_back() {
     );
 }
 
+/// Reports, for four 8 MiB numpy arrays, how many of the mappings holding
+/// their middles have huge pages enabled, and how many mappings they span.
+const HUGEPAGE_JOB: &str = r#"
+import numpy as np
+arrs = [np.ones(1 << 20) * (i + 1) for i in range(4)]
+maps, cur = [], None
+for line in open("/proc/self/smaps"):
+    head = line.split()[0]
+    if line.startswith("VmFlags:"):
+        cur[2] = line.split(":", 1)[1].split()
+    elif "-" in head and not head.endswith(":"):
+        lo, hi = (int(x, 16) for x in head.split("-"))
+        cur = [lo, hi, []]
+        maps.append(cur)
+mid = [a.ctypes.data + (1 << 22) for a in arrs]
+vmas = [next(m for m in maps if m[0] <= p < m[1]) for p in mid]
+print("hugepage", sum("hg" in v[2] for v in vmas))
+print("mappings", len({(v[0], v[1]) for v in vmas}))
+print("sum", float(sum(a.sum() for a in arrs)))
+"#;
+
+/// numpy asks for huge pages on every array of 4 MiB or more
+/// (`madvise(MADV_HUGEPAGE)`). In the arena that advice is ignored: it
+/// split the arena's one mapping at every array (a UFFDIO_MOVE or COPY
+/// cannot span two, so evictions and prefetches across the seams took
+/// slower paths) and let khugepaged build huge pages the pager does not
+/// know of. The plain run shows that numpy does ask.
+#[test]
+fn numpy_huge_page_advice_leaves_the_arena_one_mapping() {
+    let dir = TempDir::new("hugepage");
+    let job = dir.write("job.py", HUGEPAGE_JOB);
+    let cmd = ["python3", job.to_str().unwrap()];
+    let (st, plain, err) = run_cmd(Command::new(cmd[0]).args(&cmd[1..]));
+    assert!(st.success(), "plain run failed: {err}");
+    assert!(
+        plain.contains("hugepage 4\n") && plain.contains("mappings 4\n"),
+        "numpy did not ask for huge pages in the plain run, so this test shows nothing: {plain}"
+    );
+    let r = dmem_run("64M", &cmd, &[]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("hugepage 0\n") && r.stdout.contains("mappings 1\n"),
+        "the arena took numpy's huge-page advice: {}",
+        r.stdout
+    );
+    let sum = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("sum"))
+            .map(str::to_owned)
+    };
+    assert_eq!(sum(&r.stdout), sum(&plain), "results differ");
+}
+
 const NUMPY_JOB: &str = r#"
 import hashlib, sys
 import numpy as np
