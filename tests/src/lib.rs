@@ -1260,3 +1260,86 @@ pub fn corrupt_memory(pid: u32, addrs: &[u64]) {
         mem.write_all_at(&b, a).expect("write a byte");
     }
 }
+
+/// A zram swap device for the length of a test (root only): Linux may then
+/// swap out pages of a managed arena, as on any machine with swap. Removed
+/// again on drop. `None` (with the reason) where it cannot be set up.
+pub struct ZramSwap {
+    dev: String,
+}
+
+impl ZramSwap {
+    pub fn setup(size: &str) -> Result<ZramSwap, String> {
+        if !is_root() {
+            return Err("needs root to set up a swap device".into());
+        }
+        // zram may be built in; a failed modprobe shows in zramctl's error.
+        let _ = Command::new("modprobe").arg("zram").output();
+        let (st, out, err) = run_cmd(Command::new("zramctl").args(["--find", "--size", size]));
+        if !st.success() {
+            return Err(format!("zramctl --find failed: {err}"));
+        }
+        let z = ZramSwap {
+            dev: out.trim().to_owned(),
+        };
+        for cmd in [["mkswap", z.dev.as_str()], ["swapon", z.dev.as_str()]] {
+            let (st, _, err) = run_cmd(Command::new(cmd[0]).arg(cmd[1]));
+            if !st.success() {
+                return Err(format!("{} {} failed: {err}", cmd[0], cmd[1]));
+            }
+        }
+        Ok(z)
+    }
+}
+
+impl Drop for ZramSwap {
+    fn drop(&mut self) {
+        let _ = Command::new("swapoff").arg(&self.dev).output();
+        let _ = Command::new("zramctl")
+            .args(["--reset", &self.dev])
+            .output();
+    }
+}
+
+/// Pages swapped out since boot, all processes (`pswpout`).
+pub fn pages_swapped_out() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("pswpout ")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Asks Linux to swap out `[start, start+len)` of process `pid` now
+/// (`process_madvise(MADV_PAGEOUT)`). Returns the bytes it acted on.
+pub fn page_out(pid: u32, start: u64, len: u64) -> Result<u64, std::io::Error> {
+    // SAFETY: plain syscall, no memory passed.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let iov = libc::iovec {
+        iov_base: start as *mut libc::c_void,
+        iov_len: len as usize,
+    };
+    // SAFETY: the iovec lives across the call and describes the other
+    // process's memory, which the kernel checks and this one never touches.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_process_madvise,
+            pidfd as libc::c_int,
+            &iov as *const libc::iovec,
+            1usize,
+            libc::MADV_PAGEOUT,
+            0u32,
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: closes the descriptor opened above, used by nothing else.
+    unsafe { libc::close(pidfd as libc::c_int) };
+    if n < 0 {
+        Err(e)
+    } else {
+        Ok(n as u64)
+    }
+}

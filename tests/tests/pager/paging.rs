@@ -456,3 +456,56 @@ fn block_16k_verifies() {
 fn block_64k_verifies() {
     block_size("64K", 64 << 10);
 }
+
+/// Linux may swap out pages of a managed arena (any machine with swap under
+/// pressure): such a page is neither present nor missing to the pager's
+/// eyes, and every path that writes-protects, moves, copies or drops
+/// victims meets it. Here a zram swap device is set up and the workload's
+/// arena is paged out to it in random 4 KiB-1 MiB pieces
+/// (`process_madvise(MADV_PAGEOUT)`) all through random, read-modify-write
+/// and multi-threaded paging at 4x the limit: every byte is verified, and
+/// the kernel must really have swapped pages out.
+#[test]
+fn pages_the_kernel_swaps_out_meanwhile_keep_every_byte() {
+    let _swap = match dmem_tests::ZramSwap::setup("1G") {
+        Ok(s) => s,
+        Err(why) => {
+            return dmem_tests::skip("pages_the_kernel_swaps_out_meanwhile_keep_every_byte", &why)
+        }
+    };
+    let node = memnode();
+    let pager = pager_for(&node, &[]);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for scenario in ["random", "rmw", "threads"] {
+        let mut run = pager
+            .workload(scenario, "64M")
+            .arg("--rounds", 3)
+            .arg("--threads", 2)
+            .spawn();
+        let (base, len) = run.arena();
+        let used = 64 * MIB;
+        let before = dmem_tests::pages_swapped_out();
+        let mut asked = 0u64;
+        run.release();
+        while run.try_wait().is_none() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let at = (rng % (used / 4096)) * 4096;
+            let piece = [4096, 64 << 10, MIB][(rng >> 32) as usize % 3].min(len - at);
+            asked += dmem_tests::page_out(run.pid(), base + at, piece).unwrap_or(0);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        run.wait().assert_ok();
+        let swapped = dmem_tests::pages_swapped_out() - before;
+        eprintln!(
+            "{scenario}: {swapped} pages swapped out ({} MiB asked)",
+            asked / MIB
+        );
+        assert!(
+            swapped > 0,
+            "{scenario}: the kernel swapped nothing out, so this showed nothing"
+        );
+    }
+    assert_all_released(&pager);
+}
