@@ -448,8 +448,8 @@ impl MoveOut {
     }
 
     /// Page `k` of the buffer, which must have been moved in.
-    fn read(&self, k: usize, out: &mut [u8]) {
-        sys::mapping_read(&self.buf, k * PAGE, out);
+    fn page(&self, k: usize) -> &[u8] {
+        sys::mapping_bytes(&self.buf, k * PAGE, PAGE)
     }
 
     /// Empties the first `n` pages, ready for the next batch (a move needs
@@ -487,8 +487,7 @@ fn evict(
             }
             for k in i..i + moved {
                 if entries[k].slot != NO_COPY {
-                    o.read(k, page);
-                    sys::mapping_write(staging, entries[k].slot as usize * PAGE, page);
+                    sys::mapping_write(staging, entries[k].slot as usize * PAGE, o.page(k));
                 }
                 status[k] = EvictStatus::Moved;
             }

@@ -306,7 +306,6 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let c = &s.counters;
-    let mut page_buf = vec![0u8; PAGE];
     let mut woken = Vec::with_capacity(victims.len());
     let mut lost = None;
     {
@@ -417,8 +416,8 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
             }
             c.add(&c.evictions, 1);
             if v.frame != NO_FRAME {
-                sys::mapping_read(&s.staging, i * PAGE, &mut page_buf);
-                if is_zero(&page_buf) {
+                let copy = sys::mapping_bytes(&s.staging, i * PAGE, PAGE);
+                if is_zero(copy) {
                     // Written, but all zeros (a zero fill ahead of a stream
                     // that never came, a memset): nothing to keep or write
                     // back; a fault reads zeros again.
@@ -434,7 +433,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                     st.place(page, Place::Zero);
                     continue;
                 }
-                pager.cache.write(v.frame, &page_buf);
+                pager.cache.write(v.frame, copy);
                 if let Some(m) = st.table.get_mut(page) {
                     m.frame = v.frame;
                 }

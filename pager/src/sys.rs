@@ -334,6 +334,19 @@ pub fn mapping_read(m: &Mapping, offset: usize, out: &mut [u8]) {
     out.copy_from_slice(src);
 }
 
+/// The bytes at `offset..offset+len` of a mapping (bounds checked), read
+/// in place: one copy fewer than `mapping_read` where they only pass
+/// through (a victim on its way to a cache frame).
+pub fn mapping_bytes(m: &Mapping, offset: usize, len: usize) -> &[u8] {
+    assert!(offset + len <= m.len, "mapping read out of bounds");
+    // SAFETY: in bounds (checked above).
+    let at = unsafe { m.as_ptr().add(offset) };
+    // SAFETY: the mapping is live while `m` is borrowed. Its owner writes
+    // this part only between batches (a staging slot, a move-buffer page),
+    // never while a reader holds it.
+    unsafe { std::slice::from_raw_parts(at, len) }
+}
+
 /// Writes `data` at `offset` of a mapping (bounds checked).
 pub fn mapping_write(m: &Mapping, offset: usize, data: &[u8]) {
     assert!(offset + data.len() <= m.len, "mapping write out of bounds");
