@@ -177,7 +177,8 @@ fn main() -> ExitCode {
         "interleaved" => interleaved(&mem, args.rounds),
         "hot-cold" => hot_cold(&mem, args.rounds),
         "hold" => hold(&mem),
-        "vanish" => vanish(&mem),
+        "vanish" => vanish(&mem, false),
+        "vanish-touch" => vanish(&mem, true),
         "fork-orphan" => fork_orphan(&mem, &session, &cfg, args.rounds > 0),
         other => Err(format!("unknown scenario {other}")),
     };
@@ -388,10 +389,12 @@ fn madvise(m: &Mem) -> Result<String, String> {
 
 /// A written page leaves the app with no event the pager could see (the
 /// workload moves it out itself with UFFDIO_MOVE, as a kernel or pager bug
-/// might), then the rest streams through until the evictor takes it. The
-/// pager must stop the app rather than let the page come back as zeros;
-/// reaching the final check means it did not.
-fn vanish(m: &Mem) -> Result<String, String> {
+/// might), then the rest streams through until the evictor takes it
+/// (`touch`: the app reads it back at once, while the pager holds it
+/// resident). The pager must stop the app rather than let the page come
+/// back as zeros or leave it faulting forever; reaching the final check
+/// means it did not.
+fn vanish(m: &Mem, touch: bool) -> Result<String, String> {
     use dmem_pager::sys;
     for p in 0..m.pages {
         m.write(p, 1);
@@ -408,6 +411,9 @@ fn vanish(m: &Mem) -> Result<String, String> {
     );
     if moved != PAGE {
         return Err(format!("could not move the page away: {e:?}"));
+    }
+    if touch {
+        m.check(last, 2)?;
     }
     for _ in 0..3 {
         for p in 0..last {
