@@ -171,7 +171,10 @@ fn a_page_gone_behind_the_pagers_back_stops_the_app_never_zeros() {
     let pager = Pager::start(&["--memnode", &node.addr_string(), "--local-limit", "8M"]);
     for (scenario, says) in [
         ("vanish", "vanished from the program"),
-        ("vanish-touch", "is missing in the program while the pager holds it resident"),
+        (
+            "vanish-touch",
+            "is missing in the program while the pager holds it resident",
+        ),
     ] {
         let out = pager.workload(scenario, "32M").run();
         assert!(
@@ -183,7 +186,11 @@ fn a_page_gone_behind_the_pagers_back_stops_the_app_never_zeros() {
             "{scenario}: no clear message on the app's stderr: {:?}",
             out.stderr
         );
-        assert!(!out.stderr.contains("ZEROS"), "{scenario}: {:?}", out.stderr);
+        assert!(
+            !out.stderr.contains("ZEROS"),
+            "{scenario}: {:?}",
+            out.stderr
+        );
     }
     assert_all_released(&pager);
 }
