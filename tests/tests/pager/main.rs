@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dmem_tests::{app_stats, arena_rss, stat, Memnode, Pager};
+use dmem_tests::{app_stats, arena_rss_stopped, stat, Memnode, Pager};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -42,8 +42,9 @@ pub struct AppSamples {
     pub max_resident: u64,
     /// Largest `peak_resident_bytes` the pager reported.
     pub max_reported_peak: u64,
-    /// Largest resident set of the app's arena mapping (/proc/PID/smaps):
-    /// an independent measure, not the pager's own accounting.
+    /// Largest resident set of the app's arena mapping (/proc/PID/smaps,
+    /// read with the app stopped: see `arena_rss_stopped`): an independent
+    /// measure, not the pager's own accounting.
     pub max_arena_rss: u64,
     pub max_remote_pages: u64,
 }
@@ -81,7 +82,7 @@ impl Sampler {
                                 s.max_reported_peak.max(stat(a, &["peak_resident_bytes"]));
                             s.max_remote_pages = s.max_remote_pages.max(stat(a, &["remote_pages"]));
                         }
-                        if let Some(rss) = arena_rss(pid, arena) {
+                        if let Some(rss) = arena_rss_stopped(pid, arena) {
                             s.max_arena_rss = s.max_arena_rss.max(rss);
                         }
                     }
