@@ -135,10 +135,10 @@ fn cache_quota(s: &Session, pager: &Pager) -> usize {
 }
 
 /// Whether dirty victims go to the agent unfrozen (see `evict_resident`).
-/// Off since 2026-12-06: with it, the test suite twice saw the app's arena
-/// hold 97 pages more than its limit (`smaps` Rss) in
-/// `rewritten_pages_outlive_a_stream_read_through`, and I could not find
-/// why before the stop; every dirty victim is write-protected first again.
+/// Off since 2026-12-06, when it was blamed for the arena being sampled
+/// over its limit; that turned out to be the test's smaps reading (see
+/// docs/pager.md, *Performance*), but it has not been measured again with
+/// the corrected test: every dirty victim is write-protected first.
 const MOVE_UNFROZEN: bool = false;
 
 /// Moves a batch of resident pages out of the app. With `to_cache`, victims
