@@ -441,10 +441,14 @@ impl MoveOut {
     }
 
     /// Whether entry `k` is in the buffer and gone from the arena (the
-    /// buffer is empty at the start of every batch).
+    /// buffer is empty at the start of every batch). Swapped-out pages
+    /// count as there: a move takes a swapped-out page as its swap entry,
+    /// and with swap active a move was seen to fail with EEXIST on its
+    /// retry of a page it had in fact moved (the page was then read in
+    /// place, faulted, and its data lost; 2026-12-06).
     fn moved_unreported(&self, entries: &[wire::EvictEntry], k: usize) -> bool {
         let here = self.buf.addr() + (k * PAGE) as u64;
-        sys::page_resident(here) == Some(true) && sys::page_resident(entries[k].addr) == Some(false)
+        sys::page_occupied(here) == Some(true) && sys::page_occupied(entries[k].addr) == Some(false)
     }
 
     /// Page `k` of the buffer, which must have been moved in.

@@ -228,6 +228,18 @@ pub fn page_resident(addr: u64) -> Option<bool> {
     (rc == 0).then_some(vec[0] & 1 != 0)
 }
 
+/// Whether the page at `addr` of this process holds data: present in
+/// memory or swapped out (`/proc/self/pagemap` bits 63 and 62), as opposed
+/// to an empty page table entry. `None` when pagemap cannot be read.
+/// (`mincore` would not do: it reports a swapped-out page as absent.)
+pub fn page_occupied(addr: u64) -> Option<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, addr / PAGE as u64 * 8).ok()?;
+    Some(u64::from_le_bytes(e) & (3 << 62) != 0)
+}
+
 /// Which of `pages` are present in process `pid`'s page tables, from
 /// `/proc/PID/pagemap` (bit 63; readable without privileges). A process
 /// that is gone has none.
