@@ -547,17 +547,20 @@ fn drop_pages(entries: &[wire::EvictEntry], status: &mut [EvictStatus]) {
             // The call dropped what was mapped before it failed (a hole:
             // ENOMEM after the whole range). Never drop a page twice: each
             // drop raises a REMOVE, and a second one is taken for the
-            // app's own and forgets the page. Only pages still in memory
-            // are dropped again; unmapped ones are left to the mapping.
+            // app's own and forgets the page. Only pages still held (in
+            // memory or swapped out: pagemap, as mincore reports a
+            // swapped-out page absent) are dropped again; unmapped ones are
+            // left to the mapping.
             for k in i..j {
-                match sys::page_resident(entries[k].addr) {
+                let addr = entries[k].addr;
+                match sys::page_resident(addr) {
                     None => status[k] = EvictStatus::Unmapped,
-                    Some(true) => {
-                        if sys::dontneed(entries[k].addr, PAGE).is_err() {
+                    Some(resident) => {
+                        let held = sys::page_occupied(addr).unwrap_or(resident);
+                        if held && sys::dontneed(addr, PAGE).is_err() {
                             status[k] = EvictStatus::Unmapped;
                         }
                     }
-                    Some(false) => {}
                 }
             }
         }

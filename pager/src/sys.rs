@@ -738,6 +738,28 @@ mod tests {
         assert_eq!(parent_pid(-1), None);
     }
 
+    /// A page moved out with UFFDIO_MOVE leaves an empty entry behind and
+    /// occupies its destination; a dropped page occupies nothing. (Swapped
+    /// out pages count as occupied too: the swap test of the suite covers
+    /// that, as it needs a swap device.)
+    #[test]
+    fn page_occupied_follows_a_move_and_a_drop() {
+        let src = Mapping::anonymous(2 * PAGE).unwrap();
+        let dst = Mapping::anonymous(2 * PAGE).unwrap();
+        let uffd = uffd_for_moves(dst.addr(), 2 * PAGE).unwrap();
+        mapping_write(&src, 0, &[1u8; PAGE]);
+        mapping_write(&src, PAGE, &[2u8; PAGE]);
+        assert_eq!(page_occupied(src.addr()), Some(true));
+        assert_eq!(page_occupied(dst.addr()), Some(false));
+        let (moved, e) = uffd_move(uffd.as_raw_fd(), dst.addr(), src.addr(), PAGE);
+        assert_eq!((moved, e), (PAGE, None));
+        assert_eq!(page_occupied(src.addr()), Some(false));
+        assert_eq!(page_occupied(dst.addr()), Some(true));
+        assert_eq!(mapping_bytes(&dst, 0, PAGE), &[1u8; PAGE][..]);
+        dontneed(src.addr() + PAGE as u64, PAGE).unwrap();
+        assert_eq!(page_occupied(src.addr() + PAGE as u64), Some(false));
+    }
+
     #[test]
     fn present_ranges_finds_exactly_the_touched_pages() {
         let len = 1 << 30;
