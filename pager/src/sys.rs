@@ -228,33 +228,38 @@ pub fn page_resident(addr: u64) -> Option<bool> {
     (rc == 0).then_some(vec[0] & 1 != 0)
 }
 
-/// Whether the page at `addr` of this process holds data: present in
-/// memory or swapped out (`/proc/self/pagemap` bits 63 and 62), as opposed
-/// to an empty page table entry. `None` when pagemap cannot be read.
-/// (`mincore` would not do: it reports a swapped-out page as absent.)
-pub fn page_occupied(addr: u64) -> Option<bool> {
+/// Pagemap bit: the page is present in memory.
+const PM_PRESENT: u64 = 1 << 63;
+/// Pagemap bit: the page is swapped out.
+const PM_SWAPPED: u64 = 1 << 62;
+
+/// The pagemap entry of `page` from an open `/proc/PID/pagemap`.
+fn pagemap_entry(f: &std::fs::File, page: u64) -> Option<u64> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open("/proc/self/pagemap").ok()?;
     let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, addr / PAGE as u64 * 8).ok()?;
-    Some(u64::from_le_bytes(e) & (3 << 62) != 0)
+    f.read_exact_at(&mut e, page / PAGE as u64 * 8).ok()?;
+    Some(u64::from_le_bytes(e))
+}
+
+/// Whether the page at `addr` of this process holds data: present in
+/// memory or swapped out (`/proc/self/pagemap`), as opposed to an empty
+/// page table entry. `None` when pagemap cannot be read. (`mincore` would
+/// not do: it reports a swapped-out page as absent.)
+pub fn page_occupied(addr: u64) -> Option<bool> {
+    let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+    pagemap_entry(&f, addr).map(|e| e & (PM_PRESENT | PM_SWAPPED) != 0)
 }
 
 /// Which of `pages` are present in process `pid`'s page tables, from
-/// `/proc/PID/pagemap` (bit 63; readable without privileges). A process
-/// that is gone has none.
+/// `/proc/PID/pagemap` (readable without privileges). A process that is
+/// gone has none.
 pub fn pages_present(pid: i32, pages: &[u64]) -> Vec<bool> {
-    use std::os::unix::fs::FileExt;
     let Ok(f) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
         return vec![false; pages.len()];
     };
     pages
         .iter()
-        .map(|&p| {
-            let mut e = [0u8; 8];
-            f.read_exact_at(&mut e, p / PAGE as u64 * 8).is_ok()
-                && u64::from_le_bytes(e) & (1 << 63) != 0
-        })
+        .map(|&p| pagemap_entry(&f, p).is_some_and(|e| e & PM_PRESENT != 0))
         .collect()
 }
 

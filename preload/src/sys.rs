@@ -95,15 +95,10 @@ pub fn libc_register_atfork(
     unsafe { f(prepare, parent, child, dso) }
 }
 
+/// Drops `[addr, addr+len)` of the shim's arena (freed by the program),
+/// by the system call: `madvise` is the shim's own symbol.
 pub fn dontneed(addr: u64, len: u64) -> Result<(), i32> {
-    // SAFETY: the range lies in the shim's arena, which stays mapped for
-    // the life of the process; the caller owns it (freed by the program).
-    let rc = unsafe { libc::madvise(addr as *mut c_void, len as usize, libc::MADV_DONTNEED) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(errno())
-    }
+    madvise(addr, len, libc::MADV_DONTNEED)
 }
 
 /// The mmap system call (the `mmap` symbol is the shim's own): a result
