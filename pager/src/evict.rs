@@ -347,6 +347,7 @@ fn evict_resident(s: &Session, pager: &Pager, to_cache: bool) -> bool {
                     // Not frozen and not movable (shared with a forked
                     // child): the agent left it in the app, untouched.
                     // The next eviction freezes it first.
+                    c.add(&c.kept_victims, 1);
                     release(v.frame);
                     if page != v.page {
                         // The app moved it meanwhile.

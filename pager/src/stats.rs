@@ -25,6 +25,10 @@ pub struct Counters {
     pub faults_agent: AtomicU64,
     /// Dirty victims whose copy was all zeros, dropped instead of kept.
     pub zero_victims: AtomicU64,
+    /// Dirty victims sent unwrite-protected that the agent could not move
+    /// (shared with a forked child) and left in place: write-protected and
+    /// taken the older way next time.
+    pub kept_victims: AtomicU64,
     pub bytes_fetched: AtomicU64,
     pub bytes_written_back: AtomicU64,
     /// Pages evicted from the app.
@@ -58,10 +62,11 @@ impl Counters {
         self.peak_local_bytes.fetch_max(bytes, Relaxed);
     }
 
-    fn fields(&self) -> [(&'static str, &AtomicU64); 20] {
+    fn fields(&self) -> [(&'static str, &AtomicU64); 21] {
         [
             ("faults_agent", &self.faults_agent),
             ("zero_victims", &self.zero_victims),
+            ("kept_victims", &self.kept_victims),
             ("faults_zero", &self.faults_zero),
             ("faults_cache", &self.faults_cache),
             ("faults_remote", &self.faults_remote),
@@ -160,6 +165,7 @@ pub fn to_json(c: &Counters, l: &Latencies) -> Value {
             "agent": g(&c.faults_agent),
         },
         "zero_victims": g(&c.zero_victims),
+        "kept_victims": g(&c.kept_victims),
         "bytes_fetched": g(&c.bytes_fetched),
         "bytes_written_back": g(&c.bytes_written_back),
         "evictions": g(&c.evictions),
