@@ -159,7 +159,7 @@ fn a_panic_inside_the_pager_stops_only_that_app_with_a_message() {
 /// one out itself with UFFDIO_MOVE, standing in for a kernel or pager bug)
 /// is found gone when its eviction comes: the pager stops the app with a
 /// message instead of letting the agent's zeros become the page. Before
-/// 2026-12-07 that page came back as zeros (seen as rare wrong GEMM
+/// 2026-12-06 that page came back as zeros (seen as rare wrong GEMM
 /// results), which the workload's final check reports.
 /// And when the app reads that page back at once, before any eviction:
 /// a missing page the pager holds resident faults over and over; after
